@@ -1,0 +1,270 @@
+"""Configuration: typed dataclasses are the single source of defaults.
+
+The defaults are the seed recipe's (see DEVELOPERS.md and configs/seed.yaml). A YAML file given with
+`--config` overrides them, and command-line flags override the file. Every TRL/Trainer argument is
+reachable because `TrainConfig` *is* an `SFTConfig`. Unknown keys are errors that list close matches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from trl import SFTConfig, TrlParser
+
+from chartvlm.errors import ChartVLMError
+from chartvlm.prompts import SYSTEM_MESSAGE
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILENAME = "chartvlm_config.yaml"
+
+# Qwen2.5-VL turns every 28x28 pixel block into one token. 1280 tokens per image keeps the largest
+# ChartQA chart (800x1796) readable while bounding memory; the processor's own default (16,384
+# tokens) is a common cause of OOM.
+PIXELS_PER_TOKEN = 28 * 28
+DEFAULT_MIN_PIXELS = 4 * PIXELS_PER_TOKEN
+DEFAULT_MAX_PIXELS = 1280 * PIXELS_PER_TOKEN
+
+
+@dataclass
+class DataArguments:
+    """Which data to train and evaluate on."""
+
+    dataset: str = field(
+        default="HuggingFaceM4/ChartQA",
+        metadata={"help": "Hub id, save_to_disk folder, parquet file/folder, ChartQA release folder or .jsonl."},
+    )
+    train_split: str = field(default="train", metadata={"help": "Split used for training."})
+    eval_split: str = field(default="val", metadata={"help": "Split used for the periodic eval loss."})
+    test_split: str = field(default="test", metadata={"help": "Split `chartvlm eval` scores by default."})
+    subset: float | None = field(
+        default=0.01,
+        metadata={"help": "Use a deterministic subset of every split: a fraction in (0, 1] or a row count (> 1)."},
+    )
+    subset_seed: int = field(default=42, metadata={"help": "Seed that picks the subset."})
+    system_message: str = field(
+        default=SYSTEM_MESSAGE, metadata={"help": "System prompt used for training, evaluation and inference."}
+    )
+
+    def __post_init__(self):
+        if self.subset is None:
+            return
+        if self.subset <= 0 or (self.subset > 1 and self.subset != int(self.subset)):
+            raise ChartVLMError(f"subset must be a fraction in (0, 1] or a whole row count > 1, got {self.subset}")
+        if self.subset > 1:  # flags and YAML give floats; a count must reach the loader as an int
+            self.subset = int(self.subset)
+
+
+@dataclass
+class ModelArguments:
+    """Which model to fine-tune and how."""
+
+    model_name_or_path: str = field(
+        default="Qwen/Qwen2.5-VL-3B-Instruct", metadata={"help": "Hub id or local folder of a Qwen2.5-VL model."}
+    )
+    tuning: str = field(
+        default="lora",
+        metadata={"help": "lora | qlora (4-bit base, CUDA only) | full", "choices": ["lora", "qlora", "full"]},
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA path."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        metadata={"help": "Module names (or 'all-linear') to adapt. Restricted to the language model unless "
+                          "--lora_include_vision."},
+    )
+    lora_include_vision: bool = field(
+        default=False, metadata={"help": "Also put LoRA on matching vision-tower modules."}
+    )
+    train_vision_tower: bool = field(
+        default=False, metadata={"help": "Train the vision tower (full tuning) instead of freezing it."}
+    )
+    min_pixels: int = field(default=DEFAULT_MIN_PIXELS, metadata={"help": "Smallest image area after resizing."})
+    max_pixels: int = field(
+        default=DEFAULT_MAX_PIXELS, metadata={"help": "Largest image area after resizing (28*28 pixels per token)."}
+    )
+    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa | eager | flash_attention_2"})
+
+    def __post_init__(self):
+        if self.lora_r <= 0 or self.lora_alpha <= 0:
+            raise ChartVLMError("lora_r and lora_alpha must be positive")
+        if not 0 <= self.lora_dropout < 1:
+            raise ChartVLMError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.min_pixels <= 0 or self.max_pixels < self.min_pixels:
+            raise ChartVLMError(
+                f"need 0 < min_pixels <= max_pixels, got min_pixels={self.min_pixels} max_pixels={self.max_pixels}"
+            )
+
+
+@dataclass
+class EvalArguments:
+    """Generation and evaluation settings."""
+
+    max_new_tokens: int = field(
+        default=128, metadata={"help": "The seed's MAX_SEQ_LEN: new-token limit for sample generation and predict."}
+    )
+    eval_max_new_tokens: int = field(
+        default=32, metadata={"help": "New-token limit for `chartvlm eval` (ChartQA answers need ~16)."}
+    )
+    eval_batch_size: int = field(default=8, metadata={"help": "Questions per generation batch."})
+    metric: str = field(
+        default="relaxed",
+        metadata={"help": "relaxed (standard) | relaxed_swapped | lenient",
+                  "choices": ["relaxed", "relaxed_swapped", "lenient"]},
+    )
+    adapter: str | None = field(default=None, metadata={"help": "LoRA adapter folder to apply on the model."})
+    compare_model: str | None = field(
+        default=None, metadata={"help": "Second model folder/id to evaluate in the same run (e.g. the base)."}
+    )
+    compare_adapter: str | None = field(default=None, metadata={"help": "Adapter for the compared model."})
+    eval_output_dir: str = field(default="output/eval", metadata={"help": "Where predictions and metrics go."})
+    report: bool = field(default=True, metadata={"help": "Write report.html next to metrics.json."})
+
+
+@dataclass
+class TrainConfig(SFTConfig):
+    """SFTConfig with the seed recipe's values as defaults (every Trainer/TRL argument stays reachable)."""
+
+    output_dir: str = field(default="output", metadata={"help": "Where checkpoints and the final model go."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the training subset."})
+    per_device_train_batch_size: int = field(default=1, metadata={"help": "Batch size per device."})
+    per_device_eval_batch_size: int = field(default=1, metadata={"help": "Eval-loss batch size per device."})
+    learning_rate: float = field(default=2e-5, metadata={"help": "Peak learning rate."})
+    optim: str = field(
+        default="paged_adamw_32bit",
+        metadata={"help": "Optimizer; paged_* need bitsandbytes + CUDA and fall back to adamw_torch otherwise."},
+    )
+    gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in backward."})
+    gradient_checkpointing_kwargs: dict | str | None = field(
+        # Reentrant checkpointing leaves a frozen-entry LoRA without gradients (PEFT #2880).
+        default_factory=lambda: {"use_reentrant": False},
+        metadata={"help": "Passed to gradient_checkpointing_enable."},
+    )
+    logging_steps: float = field(default=50, metadata={"help": "Log every N steps."})
+    eval_strategy: str = field(default="steps", metadata={"help": "no | steps | epoch"})
+    eval_steps: float | None = field(default=50, metadata={"help": "Eval loss every N steps."})
+    save_steps: float = field(default=50, metadata={"help": "Checkpoint every N steps."})
+    max_length: int | None = field(
+        default=2048,
+        metadata={"help": "Longest training sequence in tokens. Longer samples are DROPPED (counted), never "
+                          "truncated: cutting image tokens breaks the model."},
+    )
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; default: on where CUDA supports it."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False: the collator needs the raw rows."})
+    report_to: str | list[str] = field(default="tensorboard", metadata={"help": "tensorboard | wandb | none | ..."})
+    dataset_kwargs: dict | str | None = field(
+        default_factory=lambda: {"skip_prepare_dataset": True},
+        metadata={"help": "Our collator builds the batches; TRL's preparation is skipped."},
+    )
+    resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in output_dir."})
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            import torch
+
+            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        if self.max_length is not None and self.max_length <= 0:
+            raise ChartVLMError(f"max_length must be positive or null, got {self.max_length}")
+        super().__post_init__()
+
+
+@dataclass
+class RunConfig:
+    """Everything one command needs, resolved."""
+
+    data: DataArguments
+    model: ModelArguments
+    eval: EvalArguments
+    train: TrainConfig
+
+    def to_dict(self) -> dict:
+        train = {k: v for k, v in self.train.to_dict().items() if not k.startswith("_")}
+        return {
+            "data": dataclasses.asdict(self.data),
+            "model": dataclasses.asdict(self.model),
+            "eval": dataclasses.asdict(self.eval),
+            "train": train,
+        }
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the resolved configuration into a run's output folder (atomically)."""
+        from chartvlm.io import atomic_write_text
+
+        path = Path(folder) / CONFIG_FILENAME
+        return atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True))
+
+
+SECTIONS = (DataArguments, ModelArguments, EvalArguments, TrainConfig)
+
+
+def _known_options() -> list[str]:
+    return sorted({f.name for cls in SECTIONS for f in dataclasses.fields(cls) if f.init})
+
+
+def _unknown_key_error(unknown: list[str], origin: str) -> ChartVLMError:
+    known = _known_options()
+    lines = []
+    for key in unknown:
+        hints = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+        hint = f" (did you mean: {', '.join(hints)}?)" if hints else ""
+        lines.append(f"  {key}{hint}")
+    return ChartVLMError(f"unknown configuration key(s) in {origin}:\n" + "\n".join(lines)
+                         + "\nRun `chartvlm train --help` for every option.")
+
+
+def _flatten_yaml(config: dict, path: str) -> dict:
+    """Accept both flat files and files grouped by section (data:/model:/eval:/train:), as we write them."""
+    flat = {}
+    for key, value in config.items():
+        if key in ("data", "model", "eval", "train") and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def parse_config(argv: list[str] | None = None, prog: str = "chartvlm") -> RunConfig:
+    """Resolve defaults < YAML (`--config`) < flags into a RunConfig; unknown keys raise ChartVLMError."""
+    argv = list(argv or [])
+    parser = TrlParser(SECTIONS, prog=prog)
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise ChartVLMError("--config needs a YAML file path")
+        config_path = Path(argv[i + 1])
+        del argv[i : i + 2]
+        if not config_path.is_file():
+            raise ChartVLMError(f"config file not found: {config_path}")
+        try:
+            loaded = yaml.safe_load(config_path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ChartVLMError(f"{config_path}: not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ChartVLMError(f"{config_path}: must hold a YAML mapping of option: value")
+        values = _flatten_yaml(loaded, str(config_path))
+        unknown = sorted(set(values) - set(_known_options()))
+        if unknown:
+            raise _unknown_key_error(unknown, str(config_path))
+        parser.set_defaults_with_config(**values)
+    try:
+        data, model, evaluation, train, rest = parser.parse_args_into_dataclasses(
+            args=argv, return_remaining_strings=True
+        )
+    except ValueError as exc:  # TrainingArguments' own cross-field checks
+        raise ChartVLMError(f"invalid configuration: {exc}") from None
+    if rest:
+        flags = [r.lstrip("-").split("=")[0] for r in rest if r.startswith("-")]
+        raise _unknown_key_error(flags or rest, "the command line")
+    return RunConfig(data=data, model=model, eval=evaluation, train=train)
+
+
+def load_run_config(folder: str | Path) -> dict:
+    """Read the resolved configuration a run saved (for eval/export of a trained folder)."""
+    path = Path(folder) / CONFIG_FILENAME
+    return yaml.safe_load(path.read_text()) if path.is_file() else {}

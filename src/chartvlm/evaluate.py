@@ -1,0 +1,240 @@
+"""Evaluation: generate an answer per question, score it, stream it to disk, summarise.
+
+`predictions.jsonl` gets one line per question as soon as its batch is done, so an interrupted
+evaluation resumes where it stopped without redoing or duplicating a row. A `run.json` fingerprint
+(model, data, prompt, generation settings) keeps a resume from mixing two different runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from chartvlm.errors import ChartVLMError
+from chartvlm.io import atomic_write_json, atomic_write_text, read_jsonl
+from chartvlm.prompts import SYSTEM_MESSAGE
+
+logger = logging.getLogger(__name__)
+
+SPLIT_NAMES = {0: "human", 1: "augmented"}
+
+
+@dataclass
+class EvalSettings:
+    """What defines an evaluation run; two runs with equal settings may share a predictions file."""
+
+    model: str
+    adapter: str | None
+    dataset: str
+    split: str
+    subset: float | None
+    subset_seed: int
+    system_message: str = SYSTEM_MESSAGE
+    max_new_tokens: int = 32
+    batch_size: int = 8
+    metric: str = "relaxed"
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+
+    def fingerprint(self) -> dict:
+        # Batch size changes speed, not answers (batched greedy == one-at-a-time), so it may differ on resume.
+        return {k: v for k, v in self.__dict__.items() if k != "batch_size"}
+
+
+def question_id(row: dict, index: int, split: str) -> str:
+    return str(row.get("row_id") or f"{split}-{index}")
+
+
+def prediction_record(row: dict, index: int, split: str, prediction: str, metric: str) -> dict:
+    from chartvlm.metrics import relaxed_accuracy
+
+    labels = [str(label) for label in row["label"]]
+    return {
+        "id": question_id(row, index, split),
+        "index": index,
+        "question": row["query"],
+        "labels": labels,
+        "prediction": prediction,
+        "correct": bool(relaxed_accuracy(prediction, labels, metric=metric)),
+        "split": SPLIT_NAMES.get(row.get("human_or_machine"), str(row.get("human_or_machine"))),
+        "question_type": row.get("question_type"),
+        "chart_type": row.get("chart_type"),
+    }
+
+
+def _check_or_write_fingerprint(out: Path, settings: EvalSettings, resume: bool) -> None:
+    run_file = out / "run.json"
+    expected = settings.fingerprint()
+    if run_file.exists() and (out / "predictions.jsonl").exists():
+        found = json.loads(run_file.read_text())
+        if not resume:
+            raise ChartVLMError(f"{out} already holds an evaluation; pass resume (default) or use a new folder")
+        if found != expected:
+            changed = sorted(k for k in expected if found.get(k) != expected[k])
+            raise ChartVLMError(f"{out} holds predictions from a different run (changed: {', '.join(changed)}); "
+                                "use a new eval_output_dir or delete that folder")
+    atomic_write_json(run_file, expected)
+
+
+def _complete_rows(predictions: Path) -> list[dict]:
+    """Rows already written; a torn last line from a killed writer is cut off here."""
+    rows = read_jsonl(predictions)
+    if predictions.exists():
+        intact = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        if predictions.stat().st_size != len(intact.encode("utf-8")):
+            atomic_write_text(predictions, intact)
+    return rows
+
+
+def run_predictions(model, processor, dataset, out_dir: str | Path, settings: EvalSettings,
+                    resume: bool = True, progress: bool = True) -> dict:
+    """Generate and score every row of `dataset` into out_dir/predictions.jsonl; returns metrics."""
+    from tqdm.auto import tqdm
+
+    from chartvlm.generate import generate_answers
+    from chartvlm.prompts import format_data
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_or_write_fingerprint(out, settings, resume)
+    predictions = out / "predictions.jsonl"
+    done = {row["index"] for row in _complete_rows(predictions)}
+    pending = [i for i in range(len(dataset)) if i not in done]
+    if done:
+        logger.info("resuming: %d of %d questions already scored", len(done), len(dataset))
+
+    started = time.perf_counter()
+    bar = tqdm(total=len(dataset), initial=len(done), unit="q", desc="eval", disable=not progress)
+    with predictions.open("a", encoding="utf-8") as sink:
+        for start in range(0, len(pending), settings.batch_size):
+            indices = pending[start : start + settings.batch_size]
+            rows = [dataset[i] for i in indices]
+            conversations = [format_data(row, settings.system_message) for row in rows]
+            answers = generate_answers(model, processor, conversations, settings.max_new_tokens)
+            for index, row, answer in zip(indices, rows, answers):
+                record = prediction_record(row, index, settings.split, answer, settings.metric)
+                sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+            sink.flush()
+            os.fsync(sink.fileno())
+            bar.update(len(indices))
+    bar.close()
+    elapsed = time.perf_counter() - started
+    return write_metrics(out, settings, questions_timed=len(pending), seconds=elapsed)
+
+
+def write_metrics(out: Path, settings: EvalSettings, questions_timed: int, seconds: float) -> dict:
+    from chartvlm.metrics import summarise
+
+    rows = read_jsonl(out / "predictions.jsonl")
+    ids = [row["id"] for row in rows]
+    if len(ids) != len(set(ids)):
+        raise ChartVLMError(f"{out / 'predictions.jsonl'} has duplicated questions; delete it and re-run")
+    metrics = {
+        **summarise(rows),
+        "settings": settings.fingerprint(),
+        "throughput": {
+            "questions": questions_timed,
+            "seconds": round(seconds, 3),
+            "questions_per_second": round(questions_timed / seconds, 3) if seconds > 0 else None,
+        },
+    }
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def accuracy_line(name: str, metrics: dict) -> str:
+    by_split = metrics.get("by_split", {})
+    parts = [f"overall {metrics['overall']['accuracy']:.2f}"]
+    parts += [f"{split} {by_split[split]['accuracy']:.2f}" for split in ("human", "augmented") if split in by_split]
+    return f"{name}: " + ", ".join(parts) + f" (n={metrics['overall']['total']})"
+
+
+def compare_table(base: dict, tuned: dict, base_name: str = "base", tuned_name: str = "fine-tuned") -> str:
+    """A Markdown table of accuracy per split, with the difference."""
+    keys = [("overall", base["overall"], tuned["overall"])]
+    for split in ("human", "augmented"):
+        if split in base.get("by_split", {}) and split in tuned.get("by_split", {}):
+            keys.append((split, base["by_split"][split], tuned["by_split"][split]))
+    lines = [f"| split | {base_name} | {tuned_name} | difference |", "|---|---:|---:|---:|"]
+    for name, b, t in keys:
+        lines.append(f"| {name} | {b['accuracy']:.2f} | {t['accuracy']:.2f} | {t['accuracy'] - b['accuracy']:+.2f} |")
+    return "\n".join(lines)
+
+
+def pixel_limits(config, adapter: str | None) -> tuple[int, int]:
+    """Evaluate with the pixels the adapter was trained with (saved in its run config), else the config's."""
+    from chartvlm.config import load_run_config
+
+    trained = load_run_config(adapter).get("model", {}) if adapter else {}
+    limits = (trained.get("min_pixels", config.model.min_pixels), trained.get("max_pixels", config.model.max_pixels))
+    if trained and limits != (config.model.min_pixels, config.model.max_pixels):
+        logger.warning("using the adapter's training pixel limits %s, not the config's", limits)
+    return limits
+
+
+def evaluate_one(config, model_path: str, adapter: str | None, out_dir: Path, dataset, progress: bool = True) -> dict:
+    """Load one model (+ adapter), score `dataset`, write predictions/metrics (and the report later)."""
+    from chartvlm.modeling import load_model, load_processor
+
+    min_pixels, max_pixels = pixel_limits(config, adapter)
+    settings = EvalSettings(
+        model=model_path, adapter=adapter, dataset=config.data.dataset, split=config.data.test_split,
+        subset=config.data.subset, subset_seed=config.data.subset_seed, system_message=config.data.system_message,
+        max_new_tokens=config.eval.eval_max_new_tokens, batch_size=config.eval.eval_batch_size,
+        metric=config.eval.metric, min_pixels=min_pixels, max_pixels=max_pixels,
+    )
+    processor = load_processor(model_path, min_pixels, max_pixels)
+    model = load_model(model_path, adapter=adapter, attn_implementation=config.model.attn_implementation)
+    model.eval()
+    logger.info("evaluating %s%s on %s/%s (%d questions) -> %s", model_path, f" + {adapter}" if adapter else "",
+                config.data.dataset, config.data.test_split, len(dataset), out_dir)
+    return run_predictions(model, processor, dataset, out_dir, settings, progress=progress)
+
+
+def run_eval(config, progress: bool = True) -> dict:
+    """`chartvlm eval`: one model, or two with --compare_model/--compare_adapter, plus report.html."""
+    from chartvlm.data import ensure_hub_reachable, is_local_source, load_chartqa
+
+    model_path = config.model.model_name_or_path
+    for path, kind in ((model_path, "model"), (config.eval.compare_model, "model"), (config.data.dataset, "dataset")):
+        if path and not is_local_source(path):
+            ensure_hub_reachable(path, repo_type=kind)
+    dataset = load_chartqa(config.data.dataset, split=config.data.test_split, subset=config.data.subset,
+                           seed=config.data.subset_seed)
+    out = Path(config.eval.eval_output_dir)
+    comparing = bool(config.eval.compare_model or config.eval.compare_adapter)
+    main_dir = out / "model" if comparing else out
+    results = {"model": evaluate_one(config, model_path, config.eval.adapter, main_dir, dataset, progress)}
+    print(accuracy_line("model", results["model"]))
+    if comparing:
+        other = config.eval.compare_model or model_path
+        results["compare"] = evaluate_one(config, other, config.eval.compare_adapter, out / "compare", dataset,
+                                          progress)
+        print(accuracy_line("compare", results["compare"]))
+        table = compare_table(results["compare"], results["model"], "compare", "model")
+        atomic_write_text(out / "comparison.md", table + "\n")
+        print(table)
+    if config.eval.report:
+        results["report"] = str(write_eval_report(out, dataset, comparing))
+        print(f"report: {results['report']}")
+    return results
+
+
+def write_eval_report(out: Path, dataset, comparing: bool, title: str = "chartvlm evaluation") -> Path:
+    from chartvlm.report import write_report
+
+    def load(folder: Path):
+        return json.loads((folder / "metrics.json").read_text()), read_jsonl(folder / "predictions.jsonl")
+
+    def image_of(row):
+        return dataset[row["index"]]["image"]
+
+    if comparing:
+        metrics, rows = load(out / "model")
+        return write_report(out / "report.html", metrics, rows, image_of, baseline=load(out / "compare"), title=title)
+    metrics, rows = load(out)
+    return write_report(out / "report.html", metrics, rows, image_of, title=title)

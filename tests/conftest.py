@@ -1,0 +1,117 @@
+"""Shared fixtures: a tiny random Qwen2.5-VL built in-process and small ChartQA-style datasets.
+
+Everything is offline: HF_HUB_OFFLINE=1 is set for the whole session, so a test that touched the hub
+by mistake would fail instead of hanging.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+# 224x224 at most: 64 image tokens per chart keeps every CPU test fast.
+TEST_MIN_PIXELS = 3136
+TEST_MAX_PIXELS = 224 * 224
+
+
+def chart_image(width: int, height: int, colour: tuple[int, int, int], bars: list[int]):
+    """A crude bar chart, enough for the vision tower to see different inputs."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    step = width // (len(bars) + 1)
+    for i, value in enumerate(bars):
+        x = step * (i + 1)
+        draw.rectangle([x - step // 3, height - value, x + step // 3, height - 1], fill=colour)
+    return image
+
+
+def chart_rows(n: int = 12) -> list[dict]:
+    """n ChartQA rows with mixed image sizes, both splits and a multi-label row."""
+    sizes = [(200, 150), (120, 220), (256, 256), (300, 120)]
+    palette = [(200, 30, 30), (30, 30, 200), (30, 160, 30)]
+    rows = []
+    for i in range(n):
+        bars = [(i * 7 + j * 13) % 90 + 10 for j in range(3)]
+        top = max(range(3), key=lambda j: bars[j])
+        rows.append({
+            "image": chart_image(*sizes[i % len(sizes)], palette[i % 3], bars),
+            "query": f"Which bar is the tallest in chart {i}?" if i % 2 else "What is the value of the first bar?",
+            "label": [["A", "B", "C"][top]] if i % 2 else [str(bars[0])] + (["ten"] if i == 4 else []),
+            "human_or_machine": i % 2,
+        })
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """(model, processor): the tiny preset, random init, fp32, eval mode. Do not modify it in a test."""
+    from chartvlm.modelinit import build_model_and_processor
+
+    model, processor = build_model_and_processor("tiny", seed=0, min_pixels=TEST_MIN_PIXELS,
+                                                 max_pixels=TEST_MAX_PIXELS)
+    model.eval()
+    return model, processor
+
+
+@pytest.fixture(scope="session")
+def scrambled(tiny):
+    """A tiny model whose weights are large enough that greedy outputs vary with the input
+    (the plain random init repeats one token, which would make generation tests vacuous)."""
+    import copy
+
+    import torch
+
+    model, processor = tiny
+    model = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.15)
+    return model.eval(), processor
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The tiny preset saved to disk, as `chartvlm model init` writes it."""
+    from chartvlm.modelinit import init_model
+
+    return init_model("tiny", tmp_path_factory.mktemp("models") / "tiny", seed=0,
+                      min_pixels=TEST_MIN_PIXELS, max_pixels=TEST_MAX_PIXELS)
+
+
+@pytest.fixture(scope="session")
+def chart_dataset_dir(tmp_path_factory):
+    """A save_to_disk DatasetDict (train/val/test) of chart_rows."""
+    from datasets import Dataset, DatasetDict, Features, Image, Sequence, Value
+
+    features = Features({"image": Image(), "query": Value("string"), "label": Sequence(Value("string")),
+                         "human_or_machine": Value("int64")})
+    rows = chart_rows(16)
+    splits = DatasetDict({
+        "train": Dataset.from_list(rows[:10], features=features),
+        "val": Dataset.from_list(rows[10:13], features=features),
+        "test": Dataset.from_list(rows[13:], features=features),
+    })
+    path = tmp_path_factory.mktemp("data") / "charts"
+    splits.save_to_disk(str(path))
+    return path
+
+
+def run_args(model_dir, data_dir, out_dir, *extra: str) -> list[str]:
+    """Command-line options for a tiny, fast training run."""
+    return [
+        "--model_name_or_path", str(model_dir), "--dataset", str(data_dir), "--subset", "1.0",
+        "--output_dir", str(out_dir), "--eval_output_dir", str(out_dir / "eval"),
+        "--min_pixels", str(TEST_MIN_PIXELS), "--max_pixels", str(TEST_MAX_PIXELS),
+        "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2",
+        "--optim", "adamw_torch", "--learning_rate", "1e-2", "--gradient_checkpointing", "false",
+        "--report_to", "none", "--logging_steps", "1", "--eval_strategy", "no", "--save_strategy", "no",
+        "--max_new_tokens", "4", "--dataloader_num_workers", "0", "--seed", "0", *extra,
+    ]
