@@ -89,11 +89,15 @@ def cmd_data(argv: list[str]) -> int:
     synth.add_argument("--test_fraction", type=float, default=0.2)
     synth.add_argument("--questions_per_chart", type=int, default=3)
     synth.add_argument("--num_workers", type=int, default=os.cpu_count() or 1)
+    synth.add_argument("--image_size", type=int, nargs=2, metavar=("WIDTH", "HEIGHT"),
+                       help="Fixed chart size in pixels (default: random ChartQA-like sizes).")
+    synth.add_argument("--overwrite", action="store_true", help="Replace an existing non-empty --out folder.")
     args = parser.parse_args(argv)
     from chartvlm.synth import synthesize
 
     result = synthesize(args.out, n_charts=args.n, seed=args.seed, test_fraction=args.test_fraction,
-                        num_workers=args.num_workers, questions_per_chart=args.questions_per_chart)
+                        num_workers=args.num_workers, questions_per_chart=args.questions_per_chart,
+                        image_size=tuple(args.image_size) if args.image_size else None, overwrite=args.overwrite)
     print(f"{args.out}: " + ", ".join(f"{split} {len(ds)} questions" for split, ds in result.items()))
     return 0
 

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from chartvlm.config import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 from chartvlm.errors import ChartVLMError
 
 if TYPE_CHECKING:
@@ -49,10 +50,6 @@ EOS_TOKEN = "<|im_end|>"
 
 DEFAULT_SYSTEM_MESSAGE = "You are a helpful assistant."
 
-# Chart-friendly pixel limits: at 1280*28*28 the largest ChartQA chart stays under ~1,300 image
-# tokens, while the stock default (12.8 M pixels) allows 16k tokens per image and causes OOMs.
-DEFAULT_MIN_PIXELS = 4 * 28 * 28
-DEFAULT_MAX_PIXELS = 1280 * 28 * 28
 
 # Real Qwen vocabulary size (embedding rows of the 3B checkpoint); full-size presets pad to it so
 # that embedding / LM-head cost matches the real model even though our BPE is much smaller.
@@ -83,6 +80,20 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
+
+# The vision tower shared by the released 3B and 7B checkpoints (their config.json).
+QWEN25_VL_VISION: dict[str, Any] = {
+    "depth": 32,
+    "hidden_size": 1280,
+    "num_heads": 16,
+    "intermediate_size": 3420,
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "window_size": 112,
+    "fullatt_block_indexes": [7, 15, 23, 31],
+    "tokens_per_second": 2,
+}
 
 # Architecture presets. Vision `out_hidden_size` always equals text `hidden_size`, and
 # `mrope_section` sums to head_dim / 2 (head_dim = hidden_size / num_attention_heads).
@@ -159,18 +170,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "rope_theta": 1_000_000.0,
             "mrope_section": [16, 24, 24],
         },
-        "vision": {
-            "depth": 32,
-            "hidden_size": 1280,
-            "num_heads": 16,
-            "intermediate_size": 3420,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "window_size": 112,
-            "fullatt_block_indexes": [7, 15, 23, 31],
-            "tokens_per_second": 2,
-        },
+        "vision": QWEN25_VL_VISION,
     },
     # Qwen/Qwen2.5-VL-7B-Instruct config.json.
     "qwen2.5-vl-7b": {
@@ -188,18 +188,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "rope_theta": 1_000_000.0,
             "mrope_section": [16, 24, 24],
         },
-        "vision": {
-            "depth": 32,
-            "hidden_size": 1280,
-            "num_heads": 16,
-            "intermediate_size": 3420,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "window_size": 112,
-            "fullatt_block_indexes": [7, 15, 23, 31],
-            "tokens_per_second": 2,
-        },
+        "vision": QWEN25_VL_VISION,
     },
 }
 

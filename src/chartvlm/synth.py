@@ -16,8 +16,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import random
-import re
 import shutil
 import tempfile
 import textwrap
@@ -213,6 +213,7 @@ def make_chart_spec(rng: random.Random, chart_index: int) -> dict:
     if chart_type == "pie":
         # Each slice gets its own colour; the table keeps one colour per slice.
         series[0]["slice_colors"] = colour_names[: len(categories)]
+        series[0]["slice_hex"] = [palette[name] for name in series[0]["slice_colors"]]
 
     title = ""
     if rng.random() < 0.75:
@@ -358,11 +359,9 @@ def _draw_lines(ax, spec: dict) -> None:
         _add_legend(ax, spec)
 
 
-def _draw_pie(ax, spec: dict, palette_hex: list[str]) -> None:
-    import math
-
+def _draw_pie(ax, spec: dict) -> None:
     style, categories = spec["style"], spec["categories"]
-    values = spec["series"][0]["values"]
+    values, palette_hex = spec["series"][0]["values"], spec["series"][0]["slice_hex"]
     wedges, _ = ax.pie([float(v) for v in values], colors=palette_hex, startangle=style["pie_start_angle"],
                        counterclock=False, wedgeprops={"edgecolor": "white", "linewidth": 1},
                        labels=categories if style["pie_names"] == "outside" else None,
@@ -390,8 +389,7 @@ def render_chart(spec: dict) -> bytes:
 
     style = spec["style"]
     width, height = style["width"], style["height"]
-    rc = {"font.family": style["font_family"], "font.size": style["font_size"],
-          "axes.titlesize": style["font_size"] + 2, "svg.hashsalt": "chartvlm"}
+    rc = {"font.family": style["font_family"], "font.size": style["font_size"], "axes.titlesize": style["font_size"] + 2}
     # Tiny figures make constrained layout warn that it cannot fit everything; the chart is still drawn.
     with matplotlib.rc_context(rc), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -406,8 +404,7 @@ def render_chart(spec: dict) -> bytes:
         elif kind == "line":
             _draw_lines(ax, spec)
         elif kind == "pie":
-            palette = next(p for p in PALETTES if p.get(spec["series"][0]["color"]) == spec["series"][0]["hex"])
-            _draw_pie(ax, spec, [palette[name] for name in spec["series"][0]["slice_colors"]])
+            _draw_pie(ax, spec)
         else:
             raise ChartVLMError(f"chart spec {spec.get('chart_id')}: unknown chart_type {kind!r}")
         if kind != "pie" and style["hide_top_right_spines"]:
@@ -850,7 +847,7 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> None:
         raise ChartVLMError(f"{out}: exists and is not a folder; choose another output folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ChartVLMError(f"{out}: folder exists and is not empty; choose another output folder "
-                            "or pass overwrite=True to replace it")
+                            "or pass overwrite=True (--overwrite) to replace it")
 
 
 def _move_into_place(built: Path, out: Path) -> None:
@@ -897,7 +894,7 @@ def synthesize(out_dir, n_charts: int, seed: int = 0, test_fraction: float = 0.2
 
     _check_arguments(n_charts, test_fraction, num_workers, questions_per_chart, image_size)
     image_size = tuple(int(v) for v in image_size) if image_size is not None else None
-    out = Path(out_dir)
+    out = Path(out_dir).expanduser().resolve()
     _prepare_out_dir(out, overwrite)
     test_indices = _test_chart_indices(n_charts, test_fraction, seed)
     split_indices = {"train": [i for i in range(n_charts) if i not in test_indices], "test": sorted(test_indices)}
