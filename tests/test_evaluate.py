@@ -37,6 +37,10 @@ def test_eval_writes_one_scored_row_per_question(tiny_model_dir, chart_dataset_d
     settings = metrics["settings"]
     assert settings["max_new_tokens"] == 4 and settings["metric"] == "relaxed"
     assert settings["system_message"] == config.data.system_message
+    assert metrics["prompt"].endswith("{question}<|im_end|>\n<|im_start|>assistant\n")
+    assert config.data.system_message in metrics["prompt"]
+    assert metrics["generation"]["max_new_tokens"] == 4 and metrics["generation"]["do_sample"] is False
+    assert metrics["generation"]["padding_side"] == "left"
     assert metrics["throughput"]["questions_per_second"] > 0
 
 

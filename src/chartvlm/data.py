@@ -1,8 +1,8 @@
 """Load chart QA data from wherever a user keeps it and return one schema (the ChartQA one).
 
-Every source ends up as a `datasets.Dataset` with the columns
-`image` (`datasets.Image`, decoded lazily to RGB), `query` (str), `label` (list of str),
-`human_or_machine` (int: 0 human-written, 1 augmented), `row_id` (str), plus any extra columns.
+Every source ends up as a `datasets.Dataset` with the columns `image` (`datasets.Image`, decoded
+lazily; `chartvlm.images.to_rgb` makes it RGB where it is used), `query` (str), `label` (list of
+str), `human_or_machine` (int: 0 human-written, 1 augmented), `row_id` (str), plus any extra columns.
 
 Sources: a hub dataset id, a `save_to_disk` folder, parquet (file, glob or folder), the original
 ChartQA release layout (`{split}/{split}_human.json` + `png/`), or a JSONL file of image paths.

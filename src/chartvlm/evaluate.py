@@ -123,10 +123,29 @@ def run_predictions(model, processor, dataset, out_dir: str | Path, settings: Ev
             bar.update(len(indices))
     bar.close()
     elapsed = time.perf_counter() - started
-    return write_metrics(out, settings, questions_timed=len(pending), seconds=elapsed)
+    return write_metrics(out, settings, questions_timed=len(pending), seconds=elapsed,
+                         prompt=prompt_template(processor, settings),
+                         generation=generation_record(processor, settings))
 
 
-def write_metrics(out: Path, settings: EvalSettings, questions_timed: int, seconds: float) -> dict:
+def prompt_template(processor, settings: EvalSettings) -> str:
+    """The exact text the model is prompted with, `{question}` standing for each question."""
+    from chartvlm.prompts import build_messages, prompt_messages
+
+    messages = prompt_messages(build_messages(None, "{question}", system_message=settings.system_message))
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def generation_record(processor, settings: EvalSettings) -> dict:
+    from chartvlm.generate import generation_settings
+
+    record = generation_settings(processor, settings.max_new_tokens)
+    return {**record, "stop_token": "<|im_end|>", "padding_side": "left", "batch_size": settings.batch_size,
+            "min_pixels": settings.min_pixels, "max_pixels": settings.max_pixels}
+
+
+def write_metrics(out: Path, settings: EvalSettings, questions_timed: int, seconds: float,
+                  prompt: str | None = None, generation: dict | None = None) -> dict:
     from chartvlm.metrics import summarise
 
     rows = read_jsonl(out / "predictions.jsonl")
@@ -136,6 +155,8 @@ def write_metrics(out: Path, settings: EvalSettings, questions_timed: int, secon
     metrics = {
         **summarise(rows),
         "settings": settings.fingerprint(),
+        "prompt": prompt,
+        "generation": generation,
         "throughput": {
             "questions": questions_timed,
             "seconds": round(seconds, 3),
