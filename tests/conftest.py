@@ -111,7 +111,7 @@ def run_args(model_dir, data_dir, out_dir, *extra: str) -> list[str]:
         "--output_dir", str(out_dir), "--eval_output_dir", str(out_dir / "eval"),
         "--min_pixels", str(TEST_MIN_PIXELS), "--max_pixels", str(TEST_MAX_PIXELS),
         "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2",
-        "--optim", "adamw_torch", "--learning_rate", "1e-2", "--gradient_checkpointing", "false",
+        "--optim", "adamw_torch", "--learning_rate", "1e-2", "--activation_checkpointing", "false",
         "--report_to", "none", "--logging_steps", "1", "--eval_strategy", "no", "--save_strategy", "no",
         "--max_new_tokens", "4", "--dataloader_num_workers", "0", "--seed", "0", *extra,
     ]

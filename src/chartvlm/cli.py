@@ -25,8 +25,12 @@ logger = logging.getLogger("chartvlm")
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    from chartvlm.distributed import is_main_process, rank, world_size
+
+    # Under torchrun / accelerate launch rank 0 logs progress, the other ranks only warnings, tagged.
+    tag = f"[rank {rank()}] " if world_size() > 1 else ""
+    logging.basicConfig(level=logging.INFO if is_main_process() else logging.WARNING,
+                        format=f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s", datefmt="%H:%M:%S")
     # Libraries we drive are chatty at INFO; keep their warnings.
     for name in ("httpx", "urllib3", "datasets", "filelock", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -34,16 +38,20 @@ def _setup_logging() -> None:
 
 def cmd_train(argv: list[str]) -> int:
     from chartvlm.config import parse_config
+    from chartvlm.distributed import configure_cpu_launch
     from chartvlm.train import main as train_main
 
+    configure_cpu_launch()
     train_main(parse_config(argv, prog="chartvlm train"))
     return 0
 
 
 def cmd_eval(argv: list[str]) -> int:
     from chartvlm.config import parse_config
+    from chartvlm.distributed import configure_cpu_launch
     from chartvlm.evaluate import run_eval
 
+    configure_cpu_launch()
     run_eval(parse_config(argv, prog="chartvlm eval"))
     return 0
 
@@ -154,8 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[argv[0]](argv[1:])
     except ChartVLMError as exc:
-        print(f"chartvlm {argv[0]}: error: {exc}", file=sys.stderr)
-        return 2
+        # TrainingInterrupted is no error: it exits like a shell, 128 + the signal (130 SIGINT, 143 SIGTERM).
+        code = getattr(exc, "exit_code", 2)
+        print(f"chartvlm {argv[0]}: {'error: ' if code == 2 else ''}{exc}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print(f"chartvlm {argv[0]}: interrupted", file=sys.stderr)
         return 130

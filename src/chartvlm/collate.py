@@ -12,7 +12,8 @@ import functools
 
 import torch
 
-from chartvlm.images import to_rgb
+from chartvlm.errors import BadSampleError
+from chartvlm.images import model_image
 from chartvlm.prompts import SYSTEM_MESSAGE, format_data, message_image
 
 IGNORE_INDEX = -100
@@ -53,14 +54,30 @@ def collate_fn(examples: list, processor, system_message: str = SYSTEM_MESSAGE) 
     ChartQA rows, which are formatted here so the dataset can stay lazy.
 
     Returns every key the processor produces (input_ids, attention_mask, pixel_values,
-    image_grid_thw, mm_token_type_ids, ...) plus `labels`.
+    image_grid_thw, mm_token_type_ids, ...) plus `labels`. Images go through
+    `chartvlm.images.model_image` (a huge one is shrunk right after decoding); an unusable one raises
+    BadSampleError naming its row (training's validation pass leaves such rows out beforehand).
     """
-    conversations = [ex if isinstance(ex, list) else format_data(ex, system_message) for ex in examples]
+    names = [f"row {ex['row_id']}" if isinstance(ex, dict) and ex.get("row_id") is not None else f"batch item {i}"
+             for i, ex in enumerate(examples)]
+    conversations = [_conversation(ex, system_message, name) for ex, name in zip(examples, names)]
     texts = [processor.apply_chat_template(conv, tokenize=False) for conv in conversations]
-    images = [to_rgb(message_image(conv)) for conv in conversations]
+    images = [model_image(message_image(conv), processor, name) for conv, name in zip(conversations, names)]
     batch = processor(text=texts, images=images, padding=True, return_tensors="pt")
     batch["labels"] = answer_only_labels(batch["input_ids"], processor.tokenizer)
     return dict(batch)
+
+
+def _conversation(example, system_message: str, name: str) -> list[dict]:
+    """Messages of one example; a raw row without a question or an answer raises BadSampleError naming it."""
+    if isinstance(example, list):
+        return example
+    query, label = example.get("query"), example.get("label")
+    if not isinstance(query, str) or not query.strip():
+        raise BadSampleError(name, f"the question must be a non-empty string, got {query!r}")
+    if label is None or (isinstance(label, (list, tuple)) and not label):
+        raise BadSampleError(name, "no answer (the label list is empty)")
+    return format_data(example, system_message)
 
 
 def make_collator(processor, system_message: str = SYSTEM_MESSAGE):

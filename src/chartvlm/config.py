@@ -50,8 +50,17 @@ class DataArguments:
     system_message: str = field(
         default=SYSTEM_MESSAGE, metadata={"help": "System prompt used for training, evaluation and inference."}
     )
+    on_bad_sample: str | None = field(
+        default=None,
+        metadata={"help": "skip | error: what a bad row (unreadable image, no question or answer, broken line) does. "
+                          "Default: skip for training (counted, listed in skipped.jsonl), error for evaluation "
+                          "(a metric is never computed on a silently smaller set).", "choices": ["skip", "error"]},
+    )
 
     def __post_init__(self):
+        if self.on_bad_sample not in (None, "skip", "error"):
+            raise ChartVLMError(f"on_bad_sample must be skip or error (or unset for the defaults), "
+                                f"got {self.on_bad_sample!r}")
         if self.subset is None:
             return
         if self.subset <= 0 or (self.subset > 1 and self.subset != int(self.subset)):
@@ -126,6 +135,11 @@ class EvalArguments:
     eval_output_dir: str = field(default="output/eval", metadata={"help": "Where predictions and metrics go."})
     report: bool = field(default=True, metadata={"help": "Write report.html next to metrics.json."})
 
+    def __post_init__(self):
+        for name in ("max_new_tokens", "eval_max_new_tokens", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ChartVLMError(f"{name} must be at least 1, got {getattr(self, name)}")
+
 
 @dataclass
 class TrainConfig(SFTConfig):
@@ -140,11 +154,20 @@ class TrainConfig(SFTConfig):
         default="paged_adamw_32bit",
         metadata={"help": "Optimizer; paged_* need bitsandbytes + CUDA and fall back to adamw_torch otherwise."},
     )
-    gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in backward."})
+    # transformers 5.23 renamed gradient_checkpointing* to activation_checkpointing*; both names are
+    # accepted. The seed's "on" (non-reentrant) is applied in __post_init__ only when neither is set,
+    # so a user's `gradient_checkpointing: false` is never overridden by a default of the new name.
+    activation_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Recompute activations in backward (gradient checkpointing). Default: on."}
+    )
+    activation_checkpointing_kwargs: dict | str | None = field(
+        default=None, metadata={"help": 'Default {"use_reentrant": false}.'}
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Old name of activation_checkpointing."}
+    )
     gradient_checkpointing_kwargs: dict | str | None = field(
-        # Reentrant checkpointing leaves a frozen-entry LoRA without gradients (PEFT #2880).
-        default_factory=lambda: {"use_reentrant": False},
-        metadata={"help": "Passed to gradient_checkpointing_enable."},
+        default=None, metadata={"help": "Old name of activation_checkpointing_kwargs."}
     )
     logging_steps: float = field(default=50, metadata={"help": "Log every N steps."})
     eval_strategy: str = field(default="steps", metadata={"help": "no | steps | epoch"})
@@ -163,14 +186,32 @@ class TrainConfig(SFTConfig):
         metadata={"help": "Our collator builds the batches; TRL's preparation is skipped."},
     )
     resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in output_dir."})
+    full_logits_loss: bool = field(
+        default=False,
+        metadata={"help": "Project every position onto the vocabulary and take the model's own loss, as the seed "
+                          "recipe did. Same loss and gradients as the default, which runs the LM head only on the "
+                          "supervised answer tokens; slower and far more memory. Kept for `chartvlm bench`."},
+    )
 
     def __post_init__(self):
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True
+        if self.activation_checkpointing_kwargs is None and self.gradient_checkpointing_kwargs is None:
+            # Reentrant checkpointing leaves a frozen-entry LoRA without gradients (PEFT #2880).
+            self.activation_checkpointing_kwargs = {"use_reentrant": False}
         if self.bf16 is None:
             import torch
 
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
         if self.max_length is not None and self.max_length <= 0:
             raise ChartVLMError(f"max_length must be positive or null, got {self.max_length}")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ChartVLMError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.learning_rate < 0:
+            raise ChartVLMError(f"learning_rate must not be negative, got {self.learning_rate}")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ChartVLMError(f"num_train_epochs must be positive (or set max_steps), got {self.num_train_epochs}")
         super().__post_init__()
 
 

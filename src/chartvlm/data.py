@@ -17,6 +17,7 @@ import logging
 import math
 import numbers
 import os
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -39,7 +40,10 @@ CORE_COLUMNS = ("image", "query", "label", "human_or_machine")
 _QUERY_KEYS = ("query", "question")
 _LABEL_KEYS = ("label", "answer", "answers")
 # Bump when the normalisation changes, so cached Arrow files built by older code are not reused.
-_CACHE_VERSION = "chartvlm-data-1"
+_CACHE_VERSION = "chartvlm-data-2"
+
+ON_BAD_SAMPLE = ("skip", "error")
+SKIPPED_FILENAME = "skipped.jsonl"
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,6 +125,7 @@ def load_chartqa(
     subset: float | int | None = None,
     seed: int = 42,
     cache_dir: str | None = None,
+    on_bad_sample: "str | SkippedRows" = "error",
 ) -> "datasets.Dataset":
     """Load ChartQA-style data from `source` and return it in the normalised ChartQA schema.
 
@@ -129,15 +134,24 @@ def load_chartqa(
     `split` picks the split where the source has several (for a JSONL file it only names rows).
     `subset`: None for all rows, a float in (0, 1] for a fraction, an int for a row count; the rows
     are drawn with `seed` and kept in their original order. `cache_dir` is where Arrow files built
-    from JSON/JSONL/parquet/hub data go (default: the datasets cache).
+    from JSON/JSONL/parquet/hub data go (default: the datasets cache). JSON/JSONL files are streamed:
+    memory does not grow with their length.
 
-    Raises ChartVLMError (BadSampleError for one bad row, naming file and line) on bad input.
+    `on_bad_sample`: "error" raises BadSampleError for the first bad row (naming file and line, or
+    file and row); "skip" leaves bad rows out, counted and logged; a SkippedRows collects them for
+    skipped.jsonl. A row's `row_id` is its position in the source, skipped rows included. These
+    checks read no pixels; `validate_rows` checks the images of the rows a run uses.
+    Raises ChartVLMError on bad input.
     """
     source = str(source)
+    skipped = on_bad_sample if isinstance(on_bad_sample, SkippedRows) else SkippedRows(on_bad_sample)
+    skipped_before = len(skipped)
     if is_local_source(source):
-        dataset, where = _load_local(source, split, cache_dir)
+        dataset, where = _load_local(source, split, cache_dir, skipped)
     else:
-        dataset, where = _load_hub(source, split, cache_dir), source
+        dataset, where = _load_hub(source, split, cache_dir, skipped), source
+    if len(skipped) > skipped_before:
+        logger.warning("%s (%s): skipped %d bad rows (on_bad_sample=skip)", where, split, len(skipped) - skipped_before)
     if len(dataset) == 0:
         raise ChartVLMError(f"{where}: the {split} split has no rows.")
     if "row_id" not in dataset.column_names:
@@ -145,6 +159,115 @@ def load_chartqa(
     dataset = _select_subset(dataset, subset, seed, f"{where} ({split})")
     logger.info("loaded %d rows from %s (split %s)", len(dataset), where, split)
     return dataset
+
+
+class SkippedRows:
+    """The on_bad_sample policy of one run and the rows it left out.
+
+    "error" raises the BadSampleError (with what to do about it); "skip" records it: every skip is
+    counted, the first `log_first` are logged with file/row and reason, and `write` lists them all
+    in skipped.jsonl. Training also records here the duplicates and overlong samples it drops.
+    """
+
+    def __init__(self, policy: str = "error", log_first: int = 5):
+        if policy not in ON_BAD_SAMPLE:
+            raise ChartVLMError(f"on_bad_sample must be one of {', '.join(ON_BAD_SAMPLE)}, got {policy!r}")
+        self.policy = policy
+        self.log_first = log_first
+        self.records: list[dict[str, Any]] = []
+        self.duplicates = 0  # exact duplicates seen by validate_rows, dropped or not
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def bad(self, error: BadSampleError, row_id: str | None = None) -> None:
+        if self.policy == "error":
+            hint = f"fix or remove the row, or set on_bad_sample=skip to leave bad rows out (in {SKIPPED_FILENAME})"
+            raise BadSampleError(error.where, f"{error.reason}. To go on: {hint}") from None
+        self.record(error.where, error.reason, row_id)
+
+    def record(self, where: str, reason: str, row_id: str | None = None, kind: str = "bad") -> None:
+        self.records.append({"where": where, "row_id": row_id, "kind": kind, "reason": reason})
+        if len(self.records) <= self.log_first:
+            logger.warning("skipped %s: %s", where, reason)
+
+    def write(self, folder: str | os.PathLike) -> str:
+        """skipped.jsonl in `folder` (written atomically; empty when nothing was skipped)."""
+        from chartvlm.io import atomic_write_text
+
+        path = os.path.join(folder, SKIPPED_FILENAME)
+        atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in self.records))
+        if self.records:
+            kinds = Counter(record["kind"] for record in self.records)
+            logger.warning("left out %d rows (%s); all listed in %s", len(self.records),
+                           ", ".join(f"{count} {kind}" for kind, count in kinds.items()), path)
+        return path
+
+
+def validate_rows(
+    dataset: "datasets.Dataset",
+    skipped: SkippedRows,
+    name: str,
+    measure: Any = None,
+    drop_duplicates: bool = False,
+) -> tuple["datasets.Dataset", list[Any]]:
+    """The one pass over a split before training or evaluation uses it, one row at a time with the
+    image undecoded: each image must open and be intact (`chartvlm.images.check_image`), each
+    question and label list usable. Bad rows go to `skipped` (which raises under on_bad_sample=error).
+
+    Exact duplicates (same image, question and labels) are counted in `skipped.duplicates`; with
+    `drop_duplicates` (training) they are left out and listed, otherwise (evaluation) kept and reported.
+    `measure(row, width, height)` runs on each kept row, so a caller that needs image sizes (training's
+    sequence lengths) reads every header once. Returns the kept rows and their measure values.
+    """
+    import datasets
+
+    from chartvlm.images import check_image
+
+    raw = dataset.cast_column("image", datasets.Image(decode=False))
+    keep, values, first_seen, duplicates = [], [], {}, 0
+    for index, row in enumerate(raw):
+        row_id = str(row.get("row_id") or index)
+        where = f"{name} row {row_id}"
+        try:
+            width, height = check_image(row["image"], where)
+            _normalise_query(row["query"], where)
+            if row["label"] is None:
+                raise BadSampleError(where, "no answer")
+            _normalise_label(row["label"], where)
+        except BadSampleError as error:
+            skipped.bad(error, row_id)
+            continue
+        key = _duplicate_key(row)
+        if key in first_seen:
+            duplicates += 1
+            if drop_duplicates:
+                skipped.record(where, f"exact duplicate of row {first_seen[key]} (same image, question and labels)",
+                               row_id, kind="duplicate")
+                continue
+        else:
+            first_seen[key] = row_id
+        keep.append(index)
+        if measure is not None:
+            values.append(measure(row, width, height))
+    skipped.duplicates += duplicates
+    if duplicates:
+        logger.warning("%s: %d rows are exact duplicates of an earlier row (same image, question and labels); %s",
+                       name, duplicates, "dropped" if drop_duplicates else "kept, each one counts")
+    if not keep:
+        raise ChartVLMError(f"{name}: no usable rows left ({len(raw)} checked); see {SKIPPED_FILENAME} and the log.")
+    if len(keep) < len(raw):
+        dataset = dataset.select(keep)
+    return dataset, values
+
+
+def _duplicate_key(row: dict[str, Any]) -> bytes:
+    """Image (its path, or its bytes when embedded), question and labels, hashed."""
+    digest = hashlib.blake2b(digest_size=16)
+    image = row["image"]
+    digest.update(image["bytes"] if image.get("bytes") else os.path.abspath(image["path"]).encode())
+    digest.update(json.dumps([row["query"], row["label"]]).encode())
+    return digest.digest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,7 +279,7 @@ def _normalise_row(raw: Any, where: str, base_dir: str) -> dict[str, Any]:
     """Check one raw JSON row and return it normalised: image as an absolute path, query str,
     label list[str], human_or_machine int, other keys unchanged.
 
-    The single place where a row is accepted or rejected (a skip policy would hook in here).
+    The single place where a JSON row is accepted or rejected (the caller applies on_bad_sample).
     """
     if not isinstance(raw, Mapping):
         raise BadSampleError(where, f"expected a JSON object, got {type(raw).__name__}")
@@ -247,7 +370,8 @@ def _normalise_origin(value: Any, where: str) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _load_local(source: str, split: str, cache_dir: str | None) -> tuple["datasets.Dataset", str]:
+def _load_local(source: str, split: str, cache_dir: str | None,
+                skipped: SkippedRows) -> tuple["datasets.Dataset", str]:
     path = os.path.expanduser(source)
     if _is_glob(path) and not os.path.exists(path):
         files = sorted(glob.glob(path, recursive=True))
@@ -255,33 +379,33 @@ def _load_local(source: str, split: str, cache_dir: str | None) -> tuple["datase
             raise ChartVLMError(f"{source}: the pattern matches no files.")
         if not all(file.endswith(".parquet") for file in files):
             raise ChartVLMError(f"{source}: a glob must match only .parquet files, got {files[:5]}.")
-        return _load_parquet(files, cache_dir, source), source
+        return _load_parquet(files, cache_dir, source, split, skipped), source
     if not os.path.exists(path):
         raise ChartVLMError(f"{source}: no such file or folder.")
     if os.path.isfile(path):
         if path.endswith(".parquet"):
-            return _load_parquet([path], cache_dir, source), source
+            return _load_parquet([path], cache_dir, source, split, skipped), source
         if path.endswith(".jsonl"):
-            return _load_jsonl(path, cache_dir), source
+            return _dataset_from_source("jsonl", path, split, cache_dir, skipped), source
         raise ChartVLMError(
             f"{source}: unsupported file type. Give a .parquet or .jsonl file, or a folder "
             f"(save_to_disk output, parquet files, or the ChartQA release layout)."
         )
-    return _load_folder(path, split, cache_dir), source
+    return _load_folder(path, split, cache_dir, skipped), source
 
 
-def _load_folder(folder: str, split: str, cache_dir: str | None) -> "datasets.Dataset":
+def _load_folder(folder: str, split: str, cache_dir: str | None, skipped: SkippedRows) -> "datasets.Dataset":
     if _is_saved_dataset(folder):
-        return _load_saved(folder, split)
+        return _load_saved(folder, split, skipped)
     release_dir = _find_release_split_dir(folder, split)
     if release_dir is not None:
-        return _load_release(release_dir, split, cache_dir)
+        return _dataset_from_source("release", release_dir, split, cache_dir, skipped)
     parquet_files = _find_split_parquet(folder, split)
     if parquet_files:
-        return _load_parquet(parquet_files, cache_dir, folder)
+        return _load_parquet(parquet_files, cache_dir, folder, split, skipped)
     jsonl = os.path.join(folder, f"{split}.jsonl")
     if os.path.isfile(jsonl):
-        return _load_jsonl(jsonl, cache_dir)
+        return _dataset_from_source("jsonl", jsonl, split, cache_dir, skipped)
 
     found = _splits_in_folder(folder)
     if found:
@@ -295,7 +419,7 @@ def _load_folder(folder: str, split: str, cache_dir: str | None) -> "datasets.Da
     )
 
 
-def _load_hub(source: str, split: str, cache_dir: str | None) -> "datasets.Dataset":
+def _load_hub(source: str, split: str, cache_dir: str | None, skipped: SkippedRows) -> "datasets.Dataset":
     import datasets
 
     ensure_hub_reachable(source, repo_type="dataset")
@@ -307,10 +431,10 @@ def _load_hub(source: str, split: str, cache_dir: str | None) -> "datasets.Datas
         if "split" in str(error).lower():  # 'Unknown split "x". Should be one of [...]'
             raise ChartVLMError(f"{source}: {error}") from None
         raise
-    return _normalise_columns(dataset, source)
+    return _normalise_columns(dataset, source, split, skipped)
 
 
-def _load_saved(folder: str, split: str) -> "datasets.Dataset":
+def _load_saved(folder: str, split: str, skipped: SkippedRows) -> "datasets.Dataset":
     import datasets
 
     loaded = datasets.load_from_disk(folder)
@@ -319,31 +443,38 @@ def _load_saved(folder: str, split: str) -> "datasets.Dataset":
             raise ChartVLMError(
                 f"{folder}: no '{split}' split in this DatasetDict; available splits: {', '.join(loaded)}."
             )
-        return _normalise_columns(loaded[split], f"{folder} ({split})")
+        return _normalise_columns(loaded[split], f"{folder} ({split})", split, skipped)
     logger.info("%s holds a single Dataset; using it as the %s split", folder, split)
-    return _normalise_columns(loaded, folder)
+    return _normalise_columns(loaded, folder, split, skipped)
 
 
-def _load_parquet(files: list[str], cache_dir: str | None, where: str) -> "datasets.Dataset":
+def _load_parquet(files: list[str], cache_dir: str | None, where: str, split: str,
+                  skipped: SkippedRows) -> "datasets.Dataset":
     import datasets
 
     try:
         dataset = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=cache_dir)
     except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as error:
         raise ChartVLMError(f"{where}: could not read the parquet data ({error}).") from None
-    return _normalise_columns(dataset, where)
+    return _normalise_columns(dataset, where, split, skipped)
 
 
-def _load_release(split_dir: str, split: str, cache_dir: str | None) -> "datasets.Dataset":
-    """The original ChartQA release: {split}_human.json then {split}_augmented.json, images in png/."""
-    rows = []
+def _release_records(split_dir: str, split: str) -> Iterator[tuple[str, Any]]:
+    """The original ChartQA release: {split}_human.json then {split}_augmented.json, images in png/.
+    Yields (file[index], raw row or the BadSampleError that rejects it)."""
     for kind, origin in (("human", 0), ("augmented", 1)):
         path = os.path.join(split_dir, f"{split}_{kind}.json")
         if not os.path.isfile(path):
             continue
+        # One JSON list per file, so the file is parsed whole (ChartQA's largest holds 20,901 records).
+        with open(path, "rb") as handle:
+            data = handle.read()
         try:
-            with open(path, encoding="utf-8") as handle:
-                records = json.load(handle)
+            text = data.decode("utf-8-sig")
+            records = json.loads(text)
+        except UnicodeDecodeError as error:
+            raise ChartVLMError(f"{path}: not valid UTF-8 (byte 0x{data[error.start]:02x} at offset {error.start}); "
+                                "save the file as UTF-8.") from None
         except json.JSONDecodeError as error:
             raise BadSampleError(f"{path}:{error.lineno}", f"not valid JSON ({error.msg})") from None
         if not isinstance(records, list):
@@ -353,30 +484,68 @@ def _load_release(split_dir: str, split: str, cache_dir: str | None) -> "dataset
         for index, record in enumerate(records):
             where = f"{path}[{index}]"
             if not isinstance(record, Mapping):
-                raise BadSampleError(where, f"expected a JSON object, got {type(record).__name__}")
-            if not isinstance(record.get("imgname"), str):
-                raise BadSampleError(where, "no 'imgname'")
-            raw = {key: value for key, value in record.items() if key != "imgname"}
-            raw["image"] = os.path.join("png", record["imgname"])
-            raw["human_or_machine"] = origin
-            rows.append(_normalise_row(raw, where, split_dir))
-    return _dataset_from_rows(rows, cache_dir, split_dir)
+                yield where, BadSampleError(where, f"expected a JSON object, got {type(record).__name__}")
+            elif not isinstance(record.get("imgname"), str):
+                yield where, BadSampleError(where, "no 'imgname'")
+            else:
+                raw = {key: value for key, value in record.items() if key != "imgname"}
+                raw["image"] = os.path.join("png", record["imgname"])
+                raw["human_or_machine"] = origin
+                yield where, _check_surrogates(raw, text, where)
 
 
-def _load_jsonl(path: str, cache_dir: str | None) -> "datasets.Dataset":
-    base_dir = os.path.dirname(os.path.abspath(path))
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+def _check_surrogates(raw: Any, text: str, where: str) -> Any:
+    """`raw` parsed from JSON `text`; a BadSampleError if a broken \\u escape left a lone surrogate in it
+    (Arrow cannot store it). Only text holding a surrogate escape is examined."""
+    if "\\ud" not in text and "\\uD" not in text:
+        return raw
+    try:
+        json.dumps(raw, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as error:
+        bad = error.object[error.start : error.end]
+        return BadSampleError(where, f"holds a lone UTF-16 surrogate {bad!r} (a broken \\u escape), which is not "
+                                     "text and cannot be stored")
+    return raw
+
+
+def _jsonl_records(path: str) -> Iterator[tuple[str, Any]]:
+    """(file:line, raw row or the BadSampleError that rejects it) for each non-blank line. Lines are
+    read as bytes, so a line that is not UTF-8 is one bad row rather than a crash mid-file."""
+    with open(path, "rb") as handle:
+        for line_number, data in enumerate(handle, start=1):
+            where = f"{path}:{line_number}"
+            try:
+                line = data.decode("utf-8-sig" if line_number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                yield where, BadSampleError(where, f"not valid UTF-8 (byte 0x{data[error.start]:02x} at position "
+                                                   f"{error.start + 1} of the line); save the file as UTF-8")
+                continue
             if not line.strip():
                 continue
-            where = f"{path}:{line_number}"
             try:
                 raw = json.loads(line)
             except json.JSONDecodeError as error:
-                raise BadSampleError(where, f"not valid JSON ({error.msg})") from None
-            rows.append(_normalise_row(raw, where, base_dir))
-    return _dataset_from_rows(rows, cache_dir, path)
+                yield where, BadSampleError(where, f"not valid JSON ({error.msg})")
+                continue
+            yield where, _check_surrogates(raw, line, where)
+
+
+def _source_rows(kind: str, source: str, split: str, skipped: SkippedRows) -> Iterator[dict[str, Any]]:
+    """Normalised rows of a JSONL file or a release split folder, one at a time; bad ones go to `skipped`."""
+    if kind == "jsonl":
+        records, base_dir = _jsonl_records(source), os.path.dirname(os.path.abspath(source))
+    else:
+        records, base_dir = _release_records(source, split), source
+    for index, (where, raw) in enumerate(records):
+        try:
+            if isinstance(raw, BadSampleError):
+                raise raw
+            row = _normalise_row(raw, where, base_dir)
+        except BadSampleError as error:
+            skipped.bad(error, f"{split}-{index}")
+            continue
+        row.setdefault("row_id", f"{split}-{index}")
+        yield row
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,67 +553,109 @@ def _load_jsonl(path: str, cache_dir: str | None) -> "datasets.Dataset":
 # --------------------------------------------------------------------------------------------
 
 
-def _yield_rows(rows: tuple[dict[str, Any], ...]) -> Iterator[dict[str, Any]]:
-    yield from rows
+def _dataset_from_source(kind: str, source: str, split: str, cache_dir: str | None,
+                         skipped: SkippedRows) -> "datasets.Dataset":
+    """Stream a JSONL file or release folder into an on-disk Arrow cache (images stay files, decoded lazily).
 
-
-def _dataset_from_rows(rows: list[dict[str, Any]], cache_dir: str | None, where: str) -> "datasets.Dataset":
-    """Write normalised rows (image = path) to an on-disk Arrow cache; images stay files, decoded lazily."""
+    First pass: check every row (bad ones go to `skipped`), infer the extra columns' types and
+    fingerprint the rows, one row in memory at a time. Second pass, only when no cache has that
+    fingerprint: the same rows, written by `datasets` in batches. Memory does not grow with the file.
+    """
     import datasets
 
-    if not rows:
-        raise ChartVLMError(f"{where}: no rows found.")
-    extra_keys = list(dict.fromkeys(key for row in rows for key in row if key not in CORE_COLUMNS))
-    rows = [{**row, **{key: row.get(key) for key in extra_keys}} for row in rows]
+    digest = hashlib.sha256()
+    digest.update(_CACHE_VERSION.encode())
+    extra_types: dict[str, dict[str, Any]] = {}
+    count = 0
+    for row in _source_rows(kind, source, split, skipped):
+        count += 1
+        digest.update(json.dumps(row, sort_keys=True, default=str).encode())
+        for key, value in row.items():
+            if key not in CORE_COLUMNS:
+                _note_type(extra_types.setdefault(key, {}), value)
+    if not count:
+        found = f" ({len(skipped)} skipped as bad)" if skipped else ""
+        raise ChartVLMError(f"{source}: no usable rows found{found}")
+    extra_features, json_keys = _extra_features(extra_types, source)
     features = datasets.Features(
         {
             "image": datasets.Image(mode=IMAGE_MODE),
             "query": datasets.Value("string"),
             "label": datasets.List(datasets.Value("string")),
             "human_or_machine": datasets.Value("int64"),
-            **_infer_extra_features(rows, extra_keys, where),
+            **extra_features,
         }
     )
     # Our own fingerprint (rows + schema): a changed file gives a new cache, an unchanged one reuses it.
-    digest = hashlib.sha256()
-    digest.update(_CACHE_VERSION.encode())
     digest.update(json.dumps(features.to_dict(), sort_keys=True).encode())
-    digest.update(json.dumps(rows, sort_keys=True, default=str).encode())
-    # A tuple, not a list: from_generator would treat a list in gen_kwargs as one shard per item.
+    # Tuples, not lists: from_generator would treat a list in gen_kwargs as one shard per item.
     return datasets.Dataset.from_generator(
-        _yield_rows,
+        _generate_rows,
         features=features,
         cache_dir=cache_dir,
-        gen_kwargs={"rows": tuple(rows)},
+        gen_kwargs={"kind": kind, "source": source, "split": split, "extra_keys": tuple(extra_features),
+                    "json_keys": json_keys},
         fingerprint=digest.hexdigest()[:32],
     )
 
 
-def _infer_extra_features(rows: list[dict[str, Any]], keys: list[str], where: str) -> dict[str, Any]:
+def _generate_rows(kind: str, source: str, split: str, extra_keys: tuple[str, ...],
+                   json_keys: tuple[str, ...]) -> Iterator[dict[str, Any]]:
+    """The second pass of `_dataset_from_source`: bad rows were already counted by the first."""
+    for row in _source_rows(kind, source, split, SkippedRows("skip", log_first=0)):
+        for key in extra_keys:
+            value = row.get(key)
+            if key in json_keys and value is not None and not isinstance(value, str):
+                value = json.dumps(value)
+            row[key] = value
+        yield row
+
+
+_SCALAR_TYPES = {str: "string", bool: "bool", float: "double", type(None): "null"}
+
+
+def _note_type(seen: dict[str, Any], value: Any) -> None:
+    """Keep one value per distinct Arrow type of an extra column; the column's type is inferred from those."""
+    import pyarrow as pa
+
+    name = _SCALAR_TYPES.get(type(value))
+    if name is None and type(value) is int:
+        name = "int64" if -(2**63) <= value < 2**63 else "unconvertible"
+    if name is None:
+        try:
+            name = str(pa.array([value]).type)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            name = "unconvertible"
+    seen.setdefault(name, value)
+
+
+def _extra_features(types: dict[str, dict[str, Any]], where: str) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """Features of the extra columns, and the columns stored as JSON text because their types mix."""
     import datasets
     import pyarrow as pa
 
-    fields = []
-    for key in keys:
-        values = [row[key] for row in rows]
+    fields, json_keys = [], []
+    for key, seen in types.items():
         try:
-            arrow_type = pa.array(values).type
+            if "unconvertible" in seen:
+                raise pa.ArrowInvalid(key)
+            arrow_type = pa.array(list(seen.values())).type
         except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
             # Mixed types across rows (e.g. 3 and "3"): keep the column as JSON text.
             logger.warning("%s: column %r has mixed types; storing it as JSON text", where, key)
-            for row in rows:
-                if row[key] is not None and not isinstance(row[key], str):
-                    row[key] = json.dumps(row[key])
+            json_keys.append(key)
             arrow_type = pa.string()
         fields.append((key, arrow_type))
-    return dict(datasets.Features.from_arrow_schema(pa.schema(fields)))
+    return dict(datasets.Features.from_arrow_schema(pa.schema(fields))), tuple(json_keys)
 
 
-def _normalise_columns(dataset: "datasets.Dataset", where: str) -> "datasets.Dataset":
+def _normalise_columns(dataset: "datasets.Dataset", where: str, split: str,
+                       skipped: SkippedRows) -> "datasets.Dataset":
     """Bring an Arrow-backed dataset (hub, save_to_disk, parquet) to the normalised schema.
 
     Accepts the ChartQA schema and the lmms-lab one (`question`, `answer` str, `type`). Only the
-    small text columns are read into Python; the image column is re-typed, never rewritten.
+    small text columns are read into Python; the image column is re-typed, never rewritten. Bad
+    rows go to `skipped`; the kept rows' `row_id`s still count them.
     """
     import datasets
 
@@ -473,20 +684,26 @@ def _normalise_columns(dataset: "datasets.Dataset", where: str) -> "datasets.Dat
         # Go through the class names: index 0 need not mean "human" in every export.
         raw_origins = [origin_feature.int2str(value) if value is not None else None for value in raw_origins]
 
-    labels, origins = [], []
-    for index, (query, label, origin) in enumerate(zip(queries, raw_labels, raw_origins)):
-        row_where = f"{where}[{index}]"
-        _normalise_query(query, row_where)
-        if label is None:
-            raise BadSampleError(row_where, "no answer")
-        labels.append(_normalise_label(label, row_where))
-        origins.append(_normalise_origin(origin, row_where))
     # The underlying table, not a formatted copy (that would pull every image's bytes into memory);
     # freshly loaded datasets have no indices mapping, so positions match rows.
     image_column = dataset.data.column("image")
-    if image_column.null_count:
-        first = image_column.is_null().to_pylist().index(True)
-        raise BadSampleError(f"{where}[{first}]", "no image")
+    no_image = image_column.is_null().to_pylist() if image_column.null_count else [False] * len(queries)
+    labels, origins, bad = [], [], []
+    for index, (query, label, origin) in enumerate(zip(queries, raw_labels, raw_origins)):
+        row_where = f"{where}[{index}]"
+        try:
+            if no_image[index]:
+                raise BadSampleError(row_where, "no image")
+            _normalise_query(query, row_where)
+            if label is None:
+                raise BadSampleError(row_where, "no answer")
+            labels.append(_normalise_label(label, row_where))
+            origins.append(_normalise_origin(origin, row_where))
+        except BadSampleError as error:
+            skipped.bad(error, f"{split}-{index}")
+            bad.append(index)
+            labels.append(label if isinstance(label, list) and all(isinstance(x, str) for x in label) else [])
+            origins.append(0)
 
     string_list = datasets.List(datasets.Value("string"))
     if labels != raw_labels or dataset.features["label"] != string_list:
@@ -504,6 +721,11 @@ def _normalise_columns(dataset: "datasets.Dataset", where: str) -> "datasets.Dat
             dataset = dataset.cast_column("image", wanted_image)
         except (TypeError, ValueError) as error:
             raise ChartVLMError(f"{where}: the image column cannot be read as images ({error}).") from None
+    if bad:
+        if "row_id" not in dataset.column_names:
+            dataset = dataset.add_column("row_id", [f"{split}-{index}" for index in range(len(dataset))])
+        dropped = set(bad)
+        dataset = dataset.select([index for index in range(len(dataset)) if index not in dropped])
     extras = [name for name in dataset.column_names if name not in CORE_COLUMNS]
     return dataset.select_columns(list(CORE_COLUMNS) + extras)
 

@@ -39,6 +39,10 @@ class EvalSettings:
     metric: str = "relaxed"
     min_pixels: int | None = None
     max_pixels: int | None = None
+    # The question set: rows left out under on_bad_sample=skip, and exact duplicates (kept, each scored).
+    on_bad_sample: str = "error"
+    skipped_questions: int = 0
+    duplicated_questions: int = 0
 
     def fingerprint(self) -> dict:
         # Batch size changes speed, not answers (batched greedy == one-at-a-time), so it may differ on resume.
@@ -91,30 +95,40 @@ def _complete_rows(predictions: Path) -> list[dict]:
 
 
 def run_predictions(model, processor, dataset, out_dir: str | Path, settings: EvalSettings,
-                    resume: bool = True, progress: bool = True) -> dict:
-    """Generate and score every row of `dataset` into out_dir/predictions.jsonl; returns metrics."""
+                    resume: bool = True, progress: bool = True, shard: tuple[int, int] | None = None,
+                    order_by_length: bool = True, share_vision: bool = True, prefetch: bool | None = None) -> dict:
+    """Generate and score every row of `dataset` into out_dir/predictions.jsonl; returns metrics.
+
+    shard=(rank, world): only the rows whose index % world == rank (see chartvlm.distributed).
+    order_by_length: answer the questions in `eval_order` (similar lengths batched, one chart's questions
+    together); share_vision: run the vision tower once per distinct chart; prefetch: read and preprocess
+    the next batch while this one generates (default: on a GPU; on a CPU the thread takes cores from the
+    model and loses, see BENCHMARKS.md). None of them changes an answer."""
     from tqdm.auto import tqdm
 
-    from chartvlm.generate import generate_answers
-    from chartvlm.prompts import format_data
+    from chartvlm.generate import VisionCache, generate_answers
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _check_or_write_fingerprint(out, settings, resume)
     predictions = out / "predictions.jsonl"
     done = {row["index"] for row in _complete_rows(predictions)}
-    pending = [i for i in range(len(dataset)) if i not in done]
+    pending = [i for i in range(len(dataset)) if i not in done and (shard is None or i % shard[1] == shard[0])]
     if done:
         logger.info("resuming: %d of %d questions already scored", len(done), len(dataset))
 
     started = time.perf_counter()
-    bar = tqdm(total=len(dataset), initial=len(done), unit="q", desc="eval", disable=not progress)
+    if order_by_length:
+        pending = eval_order(dataset, pending, processor)
+    vision_cache = VisionCache() if share_vision else None
+    if prefetch is None:
+        prefetch = next(model.parameters()).device.type == "cuda"
+    bar = tqdm(total=len(done) + len(pending), initial=len(done), unit="q", desc="eval", disable=not progress)
+    batches = [pending[start : start + settings.batch_size] for start in range(0, len(pending), settings.batch_size)]
     with predictions.open("a", encoding="utf-8") as sink:
-        for start in range(0, len(pending), settings.batch_size):
-            indices = pending[start : start + settings.batch_size]
-            rows = [dataset[i] for i in indices]
-            conversations = [format_data(row, settings.system_message) for row in rows]
-            answers = generate_answers(model, processor, conversations, settings.max_new_tokens)
+        for indices, rows, inputs in prepared_batches(dataset, batches, processor, settings.system_message, prefetch):
+            answers = generate_answers(model, processor, None, settings.max_new_tokens, share_vision=share_vision,
+                                       vision_cache=vision_cache, inputs=inputs)
             for index, row, answer in zip(indices, rows, answers):
                 record = prediction_record(row, index, settings.split, answer, settings.metric)
                 sink.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -123,9 +137,115 @@ def run_predictions(model, processor, dataset, out_dir: str | Path, settings: Ev
             bar.update(len(indices))
     bar.close()
     elapsed = time.perf_counter() - started
+    _put_in_dataset_order(predictions)
     return write_metrics(out, settings, questions_timed=len(pending), seconds=elapsed,
                          prompt=prompt_template(processor, settings),
                          generation=generation_record(processor, settings))
+
+
+def prepared_batches(dataset, batches: list[list[int]], processor, system_message: str, prefetch: bool = True):
+    """(indices, rows, generation inputs) of each batch. With prefetch, a background thread reads, decodes
+    and preprocesses the next batch while the current one generates, with its own copy of the processor
+    (a tokenizer is not safe to share between threads)."""
+    import copy
+    from concurrent.futures import ThreadPoolExecutor
+
+    from chartvlm.generate import generation_inputs
+    from chartvlm.prompts import format_data
+
+    own_processor = copy.deepcopy(processor) if prefetch else processor
+
+    def prepare(indices: list[int]):
+        rows = [dataset[i] for i in indices]
+        return indices, rows, generation_inputs([format_data(row, system_message) for row in rows], own_processor)
+
+    if not prefetch:
+        yield from map(prepare, batches)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval-prefetch") as pool:
+        upcoming = pool.submit(prepare, batches[0]) if batches else None
+        for k in range(len(batches)):
+            ready = upcoming.result()
+            upcoming = pool.submit(prepare, batches[k + 1]) if k + 1 < len(batches) else None
+            yield ready
+
+
+def eval_order(dataset, indices: list[int], processor) -> list[int]:
+    """`indices` with the longest prompts first and the questions about one chart side by side, so a batch
+    holds charts of similar token counts (little padding) and shares their vision features. Sizes come from
+    image headers and chart identities from the encoded bytes: nothing is decoded for this."""
+    import hashlib
+
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    image_processor = processor.image_processor
+    factor = image_processor.patch_size * image_processor.merge_size
+    size = image_processor.size
+
+    def image_tokens(width: int, height: int) -> int:
+        try:
+            h, w = smart_resize(height, width, factor=factor, min_pixels=size["shortest_edge"],
+                                max_pixels=size["longest_edge"])
+        except ValueError:  # an unusable image: its row raises BadSampleError when it is answered
+            return 0
+        return h * w // (factor * factor)
+
+    keys = {}
+    for index, (width, height, content) in _image_headers(dataset, indices):
+        keys[index] = (-image_tokens(width, height), hashlib.blake2b(content, digest_size=16).digest(), index)
+    return sorted(indices, key=keys.__getitem__)
+
+
+def _image_headers(dataset, indices: list[int]):
+    """(index, (width, height, identifying bytes)) of each row's image, undecoded where the dataset allows."""
+    import io
+
+    from PIL import Image
+
+    try:
+        import datasets
+
+        undecoded = (isinstance(dataset, datasets.Dataset)
+                     and isinstance(dataset.features.get("image"), datasets.Image))
+    except ImportError:
+        undecoded = False
+    if undecoded:
+        dataset = dataset.select_columns(["image"]).cast_column("image", datasets.Image(decode=False))
+    for index in indices:
+        image = dataset[index]["image"]
+        try:
+            if isinstance(image, Image.Image):
+                yield index, (*image.size, image.tobytes())
+                continue
+            content = image.get("bytes") or Path(image["path"]).read_bytes()
+            with Image.open(io.BytesIO(content)) as opened:
+                yield index, (*opened.size, content)
+        except Exception:  # noqa: BLE001 - ordering only; the row's own error is raised when it is answered
+            yield index, (0, 0, b"")
+
+
+def _put_in_dataset_order(predictions: Path) -> None:
+    """Rows are appended as batches finish (in eval_order); the finished file lists them by dataset index.
+    Only each line's index and position are held (memory does not grow with the rows' text); the lines
+    are copied in order to a temporary file that replaces the original."""
+    spans, position = [], 0
+    with predictions.open("rb") as handle:
+        for line in handle:
+            if not line.endswith(b"\n"):
+                break  # a torn last line (the writer was killed) is dropped, as read_jsonl does
+            spans.append((json.loads(line)["index"], position, len(line)))
+            position += len(line)
+    if all(a[0] <= b[0] for a, b in zip(spans, spans[1:])):
+        return
+    spans.sort()
+    ordered = predictions.with_name(f".{predictions.name}.ordered")
+    with predictions.open("rb") as source, ordered.open("wb") as sink:
+        for _, start, length in spans:
+            source.seek(start)
+            sink.write(source.read(length))
+        sink.flush()
+        os.fsync(sink.fileno())
+    os.replace(ordered, predictions)
 
 
 def prompt_template(processor, settings: EvalSettings) -> str:
@@ -148,12 +268,22 @@ def write_metrics(out: Path, settings: EvalSettings, questions_timed: int, secon
                   prompt: str | None = None, generation: dict | None = None) -> dict:
     from chartvlm.metrics import summarise
 
-    rows = read_jsonl(out / "predictions.jsonl")
-    ids = [row["id"] for row in rows]
-    if len(ids) != len(set(ids)):
-        raise ChartVLMError(f"{out / 'predictions.jsonl'} has duplicated questions; delete it and re-run")
+    def rows():  # streamed: memory does not grow with the number of questions
+        seen = set()
+        if not (out / "predictions.jsonl").exists():
+            return
+        with (out / "predictions.jsonl").open(encoding="utf-8") as handle:
+            for line in handle:
+                if not line.endswith("\n"):
+                    break  # a torn last line, as read_jsonl
+                row = json.loads(line)
+                if row["id"] in seen:
+                    raise ChartVLMError(f"{out / 'predictions.jsonl'} has duplicated questions; delete it and re-run")
+                seen.add(row["id"])
+                yield row
+
     metrics = {
-        **summarise(rows),
+        **summarise(rows()),
         "settings": settings.fingerprint(),
         "prompt": prompt,
         "generation": generation,
@@ -197,8 +327,11 @@ def pixel_limits(config, adapter: str | None) -> tuple[int, int]:
     return limits
 
 
-def evaluate_one(config, model_path: str, adapter: str | None, out_dir: Path, dataset, progress: bool = True) -> dict:
-    """Load one model (+ adapter), score `dataset`, write predictions/metrics (and the report later)."""
+def evaluate_one(config, model_path: str, adapter: str | None, out_dir: Path, dataset, progress: bool = True,
+                 skipped=None) -> dict:
+    """Load one model (+ adapter), score `dataset`, write predictions/metrics (and the report later).
+    `skipped`: the data.SkippedRows of the pass that checked `dataset`, recorded in the settings."""
+    from chartvlm.distributed import sharded_predictions
     from chartvlm.modeling import load_model, load_processor
 
     min_pixels, max_pixels = pixel_limits(config, adapter)
@@ -208,38 +341,53 @@ def evaluate_one(config, model_path: str, adapter: str | None, out_dir: Path, da
         max_new_tokens=config.eval.eval_max_new_tokens, batch_size=config.eval.eval_batch_size,
         metric=config.eval.metric, min_pixels=min_pixels, max_pixels=max_pixels,
     )
+    if skipped is not None:
+        settings.on_bad_sample = skipped.policy
+        settings.skipped_questions, settings.duplicated_questions = len(skipped), skipped.duplicates
+    else:
+        settings.on_bad_sample = config.data.on_bad_sample or "error"
     processor = load_processor(model_path, min_pixels, max_pixels)
     model = load_model(model_path, adapter=adapter, attn_implementation=config.model.attn_implementation)
     model.eval()
     logger.info("evaluating %s%s on %s/%s (%d questions) -> %s", model_path, f" + {adapter}" if adapter else "",
                 config.data.dataset, config.data.test_split, len(dataset), out_dir)
-    return run_predictions(model, processor, dataset, out_dir, settings, progress=progress)
+    return sharded_predictions(model, processor, dataset, out_dir, settings, progress=progress)
 
 
 def run_eval(config, progress: bool = True) -> dict:
     """`chartvlm eval`: one model, or two with --compare_model/--compare_adapter, plus report.html."""
-    from chartvlm.data import ensure_hub_reachable, is_local_source, load_chartqa
+    from chartvlm.data import SkippedRows, ensure_hub_reachable, is_local_source, load_chartqa, validate_rows
+    from chartvlm.distributed import init_process_group, is_main_process
 
+    init_process_group()  # under torchrun every rank answers its share; rank 0 prints and writes the rest
+    main = is_main_process()
     model_path = config.model.model_name_or_path
     for path, kind in ((model_path, "model"), (config.eval.compare_model, "model"), (config.data.dataset, "dataset")):
         if path and not is_local_source(path):
             ensure_hub_reachable(path, repo_type=kind)
+    # on_bad_sample defaults to error here: a metric is never computed on a silently smaller set.
+    skipped = SkippedRows(config.data.on_bad_sample or "error")
     dataset = load_chartqa(config.data.dataset, split=config.data.test_split, subset=config.data.subset,
-                           seed=config.data.subset_seed)
+                           seed=config.data.subset_seed, on_bad_sample=skipped)
+    dataset, _ = validate_rows(dataset, skipped, f"{config.data.dataset} ({config.data.test_split})")
     out = Path(config.eval.eval_output_dir)
+    if main:
+        skipped.write(out)
     comparing = bool(config.eval.compare_model or config.eval.compare_adapter)
     main_dir = out / "model" if comparing else out
-    results = {"model": evaluate_one(config, model_path, config.eval.adapter, main_dir, dataset, progress)}
-    print(accuracy_line("model", results["model"]))
+    results = {"model": evaluate_one(config, model_path, config.eval.adapter, main_dir, dataset, progress, skipped)}
+    if main:
+        print(accuracy_line("model", results["model"]))
     if comparing:
         other = config.eval.compare_model or model_path
         results["compare"] = evaluate_one(config, other, config.eval.compare_adapter, out / "compare", dataset,
-                                          progress)
-        print(accuracy_line("compare", results["compare"]))
+                                          progress, skipped)
         table = compare_table(results["compare"], results["model"], "compare", "model")
-        atomic_write_text(out / "comparison.md", table + "\n")
-        print(table)
-    if config.eval.report:
+        if main:
+            print(accuracy_line("compare", results["compare"]))
+            atomic_write_text(out / "comparison.md", table + "\n")
+            print(table)
+    if config.eval.report and main:
         results["report"] = str(write_eval_report(out, dataset, comparing))
         print(f"report: {results['report']}")
     return results

@@ -25,6 +25,11 @@ def check_config(config: RunConfig) -> None:
         raise ChartVLMError("per_device_train_batch_size must be >= 1")
     if config.train.remove_unused_columns:
         raise ChartVLMError("remove_unused_columns must be false: the collator builds batches from the raw rows")
+    from chartvlm.distributed import world_size
+
+    if world_size() > 1 and config.train.world_size != world_size():
+        raise ChartVLMError(f"launched as {world_size()} processes but the Trainer sees {config.train.world_size}, so "
+                            "each would train alone: without CUDA pass --use_cpu true (chartvlm train does it)")
 
 
 def resolve_optimizer(train_args) -> None:
@@ -56,41 +61,60 @@ def ensure_sources_reachable(config: RunConfig) -> None:
         ensure_hub_reachable(config.data.dataset, repo_type="dataset")
 
 
-def load_split(config: RunConfig, split: str):
+def load_split(config: RunConfig, split: str, skipped=None):
+    """One split, with bad rows handled by `skipped` (a data.SkippedRows), else by config's on_bad_sample
+    (default: error)."""
     from chartvlm.data import load_chartqa
 
-    return load_chartqa(config.data.dataset, split=split, subset=config.data.subset, seed=config.data.subset_seed)
+    return load_chartqa(config.data.dataset, split=split, subset=config.data.subset, seed=config.data.subset_seed,
+                        on_bad_sample=skipped if skipped is not None else config.data.on_bad_sample or "error")
 
 
-def sequence_lengths(dataset, processor, system_message: str) -> list[int]:
-    """Exact token count of each training sequence, from image headers (no pixel decoding)."""
-    from datasets import Image as ImageFeature
+def sequence_length(processor, system_message: str):
+    """`measure(row, width, height)` for data.validate_rows: the exact token count of a training sequence,
+    from the image size in its header (no pixel decoding)."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-    from chartvlm.images import image_size
     from chartvlm.prompts import build_messages
 
     merge = processor.image_processor.merge_size
     patch = processor.image_processor.patch_size
     size = processor.image_processor.size
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-    raw = dataset.cast_column("image", ImageFeature(decode=False))
-    lengths = []
-    for row in raw:
-        width, height = image_size(row["image"])
+    def measure(row: dict, width: int, height: int) -> int:
         h, w = smart_resize(height, width, factor=patch * merge, min_pixels=size["shortest_edge"],
                             max_pixels=size["longest_edge"])
         image_tokens = (h // patch) * (w // patch) // (merge * merge)
         label = row["label"][0] if row["label"] else ""
         text = processor.apply_chat_template(build_messages(None, row["query"], label, system_message), tokenize=False)
         # The template holds one <|image_pad|>; the processor expands it to image_tokens.
-        lengths.append(len(processor.tokenizer(text)["input_ids"]) - 1 + image_tokens)
-    return lengths
+        return len(processor.tokenizer(text)["input_ids"]) - 1 + image_tokens
+
+    return measure
 
 
-def drop_overlong(dataset, processor, max_length: int | None, system_message: str, name: str):
+def sequence_lengths(dataset, processor, system_message: str) -> list[int]:
+    """Exact token count of each training sequence, from image headers (no pixel decoding)."""
+    from chartvlm.data import SkippedRows, validate_rows
+
+    measure = sequence_length(processor, system_message)
+    return validate_rows(dataset, SkippedRows("error"), "data", measure=measure)[1]
+
+
+def prepare_split(dataset, processor, config: RunConfig, skipped, split: str, drop_duplicates: bool):
+    """The one pass over a split before training (data.validate_rows): bad rows per on_bad_sample, exact
+    duplicates dropped from the training split, and sequence lengths from the same read of each image
+    header; then samples longer than max_length are dropped (listed in skipped.jsonl too)."""
+    from chartvlm.data import validate_rows
+
+    name = f"{config.data.dataset} ({split})"
+    measure = sequence_length(processor, config.data.system_message)
+    dataset, lengths = validate_rows(dataset, skipped, name, measure=measure, drop_duplicates=drop_duplicates)
+    return drop_overlong(dataset, lengths, config.train.max_length, name, skipped)
+
+
+def drop_overlong(dataset, lengths: list[int], max_length: int | None, name: str, skipped=None):
     """Samples longer than max_length are dropped, with a count: truncating image tokens breaks the model."""
-    lengths = sequence_lengths(dataset, processor, system_message)
     if max_length is None:
         return dataset, lengths
     keep = [i for i, n in enumerate(lengths) if n <= max_length]
@@ -99,9 +123,64 @@ def drop_overlong(dataset, processor, max_length: int | None, system_message: st
         logger.warning("%s: dropped %d of %d samples longer than max_length=%d tokens (longest %d); "
                        "lower max_pixels or raise max_length to keep them", name, dropped, len(lengths),
                        max_length, max(lengths))
+        if skipped is not None:
+            row_ids = dataset["row_id"] if "row_id" in dataset.column_names else list(range(len(dataset)))
+            for index in sorted(set(range(len(lengths))) - set(keep)):
+                skipped.record(f"{name} row {row_ids[index]}", f"{lengths[index]} tokens, longer than "
+                               f"max_length={max_length}", str(row_ids[index]), kind="too_long")
     if not keep:
         raise ChartVLMError(f"{name}: every sample is longer than max_length={max_length}")
     return dataset.select(keep), [lengths[i] for i in keep]
+
+
+def with_lengths(dataset, lengths: list[int], column: str = "length"):
+    """The exact sequence lengths as a column, so train_sampling_strategy=group_by_length batches samples of
+    similar token counts (image tokens vary per chart) without decoding an image: padding is wasted compute."""
+    if column in dataset.column_names:
+        dataset = dataset.remove_columns(column)
+    return dataset.add_column(column, lengths)
+
+
+def supervised_loss(model, inputs: dict, num_items_in_batch=None, full_logits: bool = False):
+    """Cross-entropy of the supervised tokens (labels != -100): summed, divided by num_items_in_batch (the
+    Trainer's count over the whole accumulated batch), else by this batch's count. Returns (loss, outputs).
+
+    By default the LM head runs only on the positions whose next token is supervised (`logits_to_keep` as a
+    boolean mask): an answer is a few tokens after hundreds of image and prompt tokens, so projecting every
+    position onto the vocabulary is almost all waste. TRL's fused head skips it only on Triton devices.
+    full_logits=True is the seed recipe's loss: the model's own, over the logits of every position.
+    Both give the same loss and gradients (tests/test_speed.py).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from chartvlm.collate import IGNORE_INDEX
+
+    if full_logits:
+        outputs = model(**inputs, use_cache=False, num_items_in_batch=num_items_in_batch)
+        return outputs.loss, outputs
+    labels = inputs["labels"]
+    supervised = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t + 1
+    keep = F.pad(supervised, (0, 1), value=False)
+    outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False, logits_to_keep=keep)
+    targets = labels[:, 1:][supervised]  # row-major, the order logits_to_keep keeps
+    loss = F.cross_entropy(outputs.logits.float(), targets.to(outputs.logits.device), reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else targets.numel()
+    return loss / torch.as_tensor(count, device=loss.device).clamp(min=1), outputs
+
+
+def with_supervised_loss(trainer_class):
+    """`trainer_class` (an SFTTrainer) computing its loss with `supervised_loss`."""
+
+    class ChartSFTTrainer(trainer_class):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, outputs = supervised_loss(model, inputs, num_items_in_batch, self.args.full_logits_loss)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                # num_items_in_batch counts every rank's tokens while DDP averages the gradients (as Trainer does).
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+            return (loss, outputs) if return_outputs else loss
+
+    return ChartSFTTrainer
 
 
 def log_sample_generation(model, processor, dataset, config: RunConfig, when: str) -> None:
@@ -120,11 +199,12 @@ def save_outputs(trainer, model, processor, config: RunConfig) -> Path:
     from chartvlm.report import plot_loss_curve
 
     out = Path(config.train.output_dir)
-    trainer.save_model(str(out))
-    processor.save_pretrained(str(out))
+    trainer.save_model(str(out))  # on every rank: FSDP/ZeRO-3 gather the weights; rank 0 writes
     trainer.save_state()
-    config.save(out)
-    plot_loss_curve(trainer.state.log_history, out / "loss_curve.png")
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(str(out))
+        config.save(out)
+        plot_loss_curve(trainer.state.log_history, out / "loss_curve.png")
     return out
 
 
@@ -132,10 +212,12 @@ def main(config: RunConfig | None = None) -> Path:
     """The seed's `main()`: train according to `config` (the seed recipe when None)."""
     import torch
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
-    from trl import SFTTrainer
 
     from chartvlm.collate import make_collator
+    from chartvlm.data import SkippedRows
+    from chartvlm.distributed import check_final_save, is_main_process
+    from chartvlm.interrupt import (AtomicSFTTrainer, InterruptCallback, TrainingInterrupted,
+                                    discard_unfinished_saves, last_complete_checkpoint)
     from chartvlm.modeling import load_model, load_processor, prepare_for_training
 
     if config is None:
@@ -148,39 +230,59 @@ def main(config: RunConfig | None = None) -> Path:
     set_seed(config.train.seed)
     out = Path(config.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config.save(out)
+    main_process = is_main_process()  # rank 0 of a torchrun/accelerate launch writes what the Trainer does not
+    if main_process:
+        config.save(out)
 
     processor = load_processor(config.model.model_name_or_path, config.model.min_pixels, config.model.max_pixels)
-    train_data = load_split(config, config.data.train_split)
-    eval_data = load_split(config, config.data.eval_split) if config.train.eval_strategy != "no" else None
+    skipped = SkippedRows(config.data.on_bad_sample or "skip")
+    train_data = load_split(config, config.data.train_split, skipped)
+    eval_data = load_split(config, config.data.eval_split, skipped) if config.train.eval_strategy != "no" else None
     system = config.data.system_message
-    train_data, _ = drop_overlong(train_data, processor, config.train.max_length, system, "train")
+    # Training drops exact duplicates (they would only reweight those questions); the eval-loss split keeps them.
+    train_data, lengths = prepare_split(train_data, processor, config, skipped, config.data.train_split, True)
+    train_data = with_lengths(train_data, lengths, config.train.length_column_name)
     if eval_data is not None:
-        eval_data, _ = drop_overlong(eval_data, processor, config.train.max_length, system, "eval")
+        eval_data, lengths = prepare_split(eval_data, processor, config, skipped, config.data.eval_split, False)
+        eval_data = with_lengths(eval_data, lengths, config.train.length_column_name)
+    if main_process:
+        skipped.write(out)
     logger.info("training on %d samples, eval loss on %d", len(train_data), len(eval_data or []))
 
     model = load_model(config.model.model_name_or_path, attn_implementation=config.model.attn_implementation,
                        quantize_4bit=config.model.tuning == "qlora",
                        dtype=torch.bfloat16 if config.train.bf16 else torch.float32)
-    log_sample_generation(model, processor, train_data, config, "before")
+    if main_process:
+        log_sample_generation(model, processor, train_data, config, "before")
     model = prepare_for_training(model, config.model)
 
-    trainer = SFTTrainer(
+    interrupt = InterruptCallback()
+    trainer = with_supervised_loss(AtomicSFTTrainer)(
         model=model,
         args=config.train,
         data_collator=make_collator(processor, system),
         train_dataset=train_data,
         eval_dataset=eval_data,
         processing_class=processor,
+        callbacks=[interrupt],
     )
+    check_final_save(trainer)
     resume_from = None
     if config.train.resume:
-        resume_from = get_last_checkpoint(str(out))
+        if main_process:
+            discard_unfinished_saves(out)
+        resume_from = last_complete_checkpoint(out)
         if resume_from is None:
             logger.warning("--resume: no checkpoint in %s, starting from scratch", out)
         else:
             logger.info("resuming from %s", resume_from)
-    trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    finally:
+        interrupt.restore()
+    if interrupt.signum is not None:  # a checkpoint was saved; the final eval and outputs wait for --resume
+        checkpoint = out / f"checkpoint-{interrupt.saved_step}" if interrupt.saved_step is not None else None
+        raise TrainingInterrupted(interrupt.signum, trainer.state.global_step, checkpoint and str(checkpoint))
     if eval_data is not None:
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)

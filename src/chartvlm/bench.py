@@ -1,0 +1,744 @@
+"""`chartvlm bench train|eval`: training and evaluation recipes side by side, in one process, on the same
+synthetic charts and the same random-weight model, each after a warm-up.
+
+    chartvlm bench train [--preset small] [--recipes seed,fast] [--samples 32]
+    chartvlm bench eval  [--preset small] [--recipes seed,fast] [--questions 48]
+
+A recipe is a set of configuration options (train) or evaluation settings (eval); `seed` is the seed
+recipe, `fast` ours, and the ones between them add one change at a time (`--recipes all`), so each
+change's gain is measured on its own. For every recipe the bench prints and saves (JSON in --out, a
+Markdown table appended to --markdown): samples/s, real (non-pad) tokens/s, image tokens per sample,
+peak memory (process RSS on CPU, max_memory_allocated on GPU), achieved model TFLOP/s and the model
+FLOPs utilisation against the device's measured matmul rate (`model_flops_*` below say what is counted).
+`bench eval` also checks that every recipe's answers equal the seed loop's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import gc
+import importlib.util
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from chartvlm.errors import ChartVLMError
+
+logger = logging.getLogger(__name__)
+
+# Training recipes, each the one before it plus one change (all are `chartvlm train` options).
+SEED_TRAIN = {
+    "per_device_train_batch_size": 1,
+    "gradient_checkpointing": True,
+    "full_logits_loss": True,
+    "optim": "paged_adamw_32bit",  # adamw_torch without bitsandbytes + CUDA, as in the seed
+    "train_sampling_strategy": "random",
+    "dataloader_num_workers": 0,
+}
+TRAIN_STEPS = {
+    "seed": {},
+    "answer-head": {"full_logits_loss": False},
+    "no-recompute": {"gradient_checkpointing": False},
+    "batched": {"per_device_train_batch_size": "BATCH"},  # --train_batch_size
+    "grouped": {"train_sampling_strategy": "group_by_length"},
+    "fast": {"optim": "adamw_torch", "dataloader_num_workers": 1, "dataloader_prefetch_factor": 2},
+}
+# GPU-only options, each added to `fast`: recipe -> (options, the package it needs).
+TRAIN_GPU_EXTRAS = {
+    "fast+liger": ({"use_liger_kernel": True}, "liger_kernel"),
+    "fast+flash-attn": ({"attn_implementation": "flash_attention_2"}, "flash_attn"),
+}
+
+# Evaluation recipes: the seed's one-question `text_generator` loop, then run_predictions with each change.
+EVAL_STEPS = {
+    "seed": None,
+    "batched": {"order_by_length": False, "share_vision": False, "prefetch": False},
+    "sorted": {"order_by_length": True, "share_vision": False, "prefetch": False},
+    "shared-vision": {"order_by_length": True, "share_vision": True, "prefetch": False},
+    "prefetch": {"order_by_length": True, "share_vision": True, "prefetch": True},
+    "fast": {"order_by_length": True, "share_vision": True, "prefetch": None},  # prefetch on GPU only
+}
+
+PRESET_DEFAULTS = {  # preset -> (image size, None = ChartQA-like random sizes)
+    "tiny": None,
+    "small": None,
+    "qwen2.5-vl-3b": (800, 600),
+    "qwen2.5-vl-7b": (800, 600),
+}
+
+
+# ---------------------------------------------------------------------------------------------- FLOPs
+def model_flops_vision(vision_config, grid: tuple[int, int, int]) -> float:
+    """Forward FLOPs of the vision tower for one image of `grid` = (t, h, w) patches.
+
+    2 FLOPs per multiply-add: patch embedding (a linear map of 3*2*14*14 values per patch), per block the
+    fused qkv and output projections (4 d^2 per patch) and the gated MLP (3 d i), attention 4 d per pair of
+    patches that attend to each other (within an 8x8-patch window, or the whole image in the full-attention
+    blocks; windows on the image's edges are smaller), and the patch merger (an MLP on groups of 4
+    patches into the language model's width).
+    Norms, rotary embeddings and softmax are left out (under 1%)."""
+    vc = vision_config
+    t, h, w = grid
+    n = t * h * w
+    d, inner, merge = vc.hidden_size, vc.intermediate_size, vc.spatial_merge_size
+    flops = 2 * n * (vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2) * d
+    # Windows tile the merged grid in squares of `unit` merged tokens; the ones on the right and bottom
+    # edges are cut short.
+    unit = vc.window_size // (vc.patch_size * merge)
+
+    def spans(length: int) -> list[int]:
+        return [unit] * (length // unit) + ([length % unit] if length % unit else [])
+
+    window_pairs = t * sum((rows * cols * merge * merge) ** 2
+                           for rows in spans(h // merge) for cols in spans(w // merge))
+    for block in range(vc.depth):
+        pairs = n * n if block in vc.fullatt_block_indexes else window_pairs
+        flops += 2 * n * (4 * d * d + 3 * d * inner) + 4 * pairs * d
+    merged = vc.spatial_merge_size ** 2
+    flops += 2 * (n // merged) * (merged * d) * (merged * d + vc.out_hidden_size)
+    return float(flops)
+
+
+def model_flops_text(text_config, length: int, head_positions: int, context: int = 0) -> float:
+    """Forward FLOPs of the language model over `length` new tokens that follow `context` cached ones, with
+    the LM head on `head_positions` of them: per layer the q/k/v/o projections (grouped-query k and v) and
+    the gated MLP, causal attention (each token attends to the ones before it: 4 d_q per pair), and the
+    head (2 d V per projected position)."""
+    tc = text_config
+    h = tc.hidden_size
+    head_dim = getattr(tc, "head_dim", None) or h // tc.num_attention_heads
+    q = tc.num_attention_heads * head_dim
+    kv = tc.num_key_value_heads * head_dim
+    linear = 2 * length * (h * q + 2 * h * kv + q * h + 3 * h * tc.intermediate_size)
+    pairs = length * context + length * (length + 1) / 2
+    attention = 4 * pairs * q
+    return float(tc.num_hidden_layers * (linear + attention) + 2 * head_positions * h * tc.vocab_size)
+
+
+def model_flops_train(config, grids: list[tuple], lengths: list[int], supervised: list[int],
+                      full_tuning: bool = False, recompute: bool = False) -> float:
+    """FLOPs of one training step on a batch (real tokens only, padding not counted).
+
+    Forward: vision tower + language model with the LM head on the supervised positions only (the useful
+    work; the seed's full-vocabulary head is waste and counts as such). Backward: the vision tower is
+    frozen and runs no backward; the language model's backward costs 1x its forward when its weights are
+    frozen (LoRA: input gradients only, the adapters are negligible) and 2x with full tuning.
+    recompute=True adds the forward that gradient checkpointing repeats (hardware FLOPs; the MFU we
+    report is without it)."""
+    vision = sum(model_flops_vision(config.vision_config, g) for g in grids)
+    text = sum(model_flops_text(config.text_config, n, s) for n, s in zip(lengths, supervised))
+    backward = 2.0 if full_tuning else 1.0
+    return vision + text * (1 + backward + (1 if recompute else 0))
+
+
+def model_flops_generate(config, grid: tuple, prompt_length: int, new_tokens: int) -> float:
+    """FLOPs of answering one question: vision tower, prefill (head on the last position), then one
+    forward per generated token over the growing cache."""
+    flops = model_flops_vision(config.vision_config, grid) + model_flops_text(config.text_config, prompt_length, 1)
+    for k in range(max(new_tokens - 1, 0)):
+        flops += model_flops_text(config.text_config, 1, 1, context=prompt_length + k)
+    return flops
+
+
+def matmul_rate(device, dtype, seconds: float = 1.0) -> float:
+    """The device's measured matmul FLOP/s in `dtype` (square matmuls, best of a timed loop)."""
+    import torch
+
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or best == 0.0:
+        started = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        _synchronize(device)
+        best = max(best, 4 * 2 * n ** 3 / (time.perf_counter() - started))
+    return best
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+def _synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PeakMemory:
+    """Peak memory while the block runs: max_memory_allocated on CUDA, else the process RSS sampled every
+    20 ms (includes the model, the data and Python itself)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            import psutil
+
+            process = psutil.Process()
+            self.peak_bytes = process.memory_info().rss
+
+            def sample():
+                while not self._stop.wait(0.02):
+                    self.peak_bytes = max(self.peak_bytes, process.memory_info().rss)
+
+            self._thread = threading.Thread(target=sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.device.type == "cuda":
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            import psutil
+
+            self.peak_bytes = max(self.peak_bytes, psutil.Process().memory_info().rss)
+
+
+@dataclass
+class Result:
+    recipe: str
+    samples: int
+    seconds: float
+    real_tokens: int
+    image_tokens: int
+    flops: float
+    peak_memory_bytes: int
+    settings: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    def row(self, peak_rate: float) -> dict:
+        seconds = max(self.seconds, 1e-9)
+        return {
+            "recipe": self.recipe,
+            "samples": self.samples,
+            "seconds": round(self.seconds, 3),
+            "samples_per_s": self.samples / seconds,
+            "real_tokens_per_s": self.real_tokens / seconds,
+            "image_tokens_per_sample": self.image_tokens / max(self.samples, 1),
+            "peak_memory_mib": self.peak_memory_bytes / 2 ** 20,
+            "model_tflops_per_s": self.flops / seconds / 1e12,
+            "mfu": self.flops / seconds / peak_rate if peak_rate else None,
+            "settings": self.settings,
+            **self.extra,
+        }
+
+
+# ---------------------------------------------------------------------------------------------- setup
+@dataclass
+class Bench:
+    """What every recipe shares: device, model (built once, copied per recipe), processor, data."""
+
+    args: argparse.Namespace
+    device: object
+    dtype: object
+    model: object
+    processor: object
+    data: object  # DatasetDict with train/test
+
+    @property
+    def system_message(self) -> str:
+        from chartvlm.prompts import SYSTEM_MESSAGE
+
+        return SYSTEM_MESSAGE
+
+
+def setup(args) -> Bench:
+    import torch
+
+    from chartvlm.modelinit import build_model_and_processor
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args)
+    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    data = synthetic_data(args)
+    started = time.perf_counter()
+    model, processor = build_model_and_processor(args.preset, seed=args.seed, min_pixels=args.min_pixels,
+                                                 max_pixels=args.max_pixels)
+    if args.scramble:
+        scramble(model, args.seed)
+    model.to(device=device, dtype=dtype)
+    logger.info("built %s (%.1fM parameters) in %.1fs on %s", args.preset, model.num_parameters() / 1e6,
+                time.perf_counter() - started, device)
+    return Bench(args, device, dtype, model, processor, data)
+
+
+def pick_device(args):
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+
+
+def scramble(model, seed: int) -> None:
+    """Weights ~ N(0, 0.15): greedy answers then vary with the chart. The plain random init repeats one
+    token for every input, which would make the identical-answers check vacuous. Speed is unaffected."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.15)
+
+
+def synthetic_data(args):
+    """Synthetic charts (chartvlm.synth), rendered once per setting into a cache folder and reused."""
+    import datasets
+
+    from chartvlm.synth import synthesize
+
+    size = args.image_size or PRESET_DEFAULTS.get(args.preset)
+    tag = f"{args.charts}c-{args.questions_per_chart}q-s{args.seed}" + (f"-{size[0]}x{size[1]}" if size else "")
+    folder = Path(args.data or Path(args.out) / f"data-{tag}")
+    if (folder / "dataset_dict.json").exists():
+        return datasets.load_from_disk(str(folder))
+    logger.info("rendering %d synthetic charts into %s", args.charts, folder)
+    return synthesize(folder, n_charts=args.charts, seed=args.seed, test_fraction=0.5, num_workers=1,
+                      questions_per_chart=args.questions_per_chart, image_size=size, overwrite=True)
+
+
+def machine(device) -> dict:
+    import torch
+
+    info = {"device": device.type, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
+            "load_average_1min": round(os.getloadavg()[0], 2)}  # other processes slow CPU timings down
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+# ---------------------------------------------------------------------------------------------- train
+def train_recipes(names: list[str], device, batch_size: int) -> dict[str, dict]:
+    """name -> cumulative options: each recipe in TRAIN_STEPS is the one before it plus its own change."""
+    ladder, options = {}, dict(SEED_TRAIN)
+    for name, change in TRAIN_STEPS.items():
+        options = {**options, **{k: batch_size if v == "BATCH" else v for k, v in change.items()}}
+        ladder[name] = dict(options)
+    for name, (change, _) in TRAIN_GPU_EXTRAS.items():
+        ladder[name] = {**ladder["fast"], **change}
+    usable = {name for name, (_, package) in TRAIN_GPU_EXTRAS.items()
+              if device.type == "cuda" and importlib.util.find_spec(package) is not None}
+    if names == ["all"]:
+        names = list(TRAIN_STEPS) + [name for name in TRAIN_GPU_EXTRAS if name in usable]
+    unknown = [n for n in names if n not in ladder]
+    if unknown:
+        raise ChartVLMError(f"unknown train recipe(s) {unknown}; choose from {list(ladder)} or all")
+    for name in names:
+        if name in TRAIN_GPU_EXTRAS and name not in usable:
+            raise ChartVLMError(f"recipe {name} needs a CUDA GPU and the {TRAIN_GPU_EXTRAS[name][1]} package")
+    return {name: ladder[name] for name in names}
+
+
+def _flags(options: dict) -> list[str]:
+    return [part for key, value in options.items() for part in (f"--{key}", str(value).lower()
+                                                                if isinstance(value, bool) else str(value))]
+
+
+def train_config(bench: Bench, options: dict, steps: int, output_dir: Path):
+    from chartvlm.config import parse_config
+
+    args = bench.args
+    common = {
+        "model_name_or_path": args.preset, "output_dir": str(output_dir), "max_steps": steps,
+        "learning_rate": 1e-4, "lr_scheduler_type": "constant", "report_to": "none", "save_strategy": "no",
+        "eval_strategy": "no", "logging_steps": 1_000_000, "disable_tqdm": True, "seed": args.seed,
+        "min_pixels": args.min_pixels, "max_pixels": args.max_pixels, "bf16": bench.device.type == "cuda"
+        and str(bench.dtype) == "torch.bfloat16", "use_cpu": bench.device.type == "cpu",
+    }
+    return parse_config(_flags({**common, **options}), prog="chartvlm bench train")
+
+
+class _TrainMeter:
+    """Counts what each training forward sees (real tokens, image tokens, FLOPs) and times the steps."""
+
+    def __init__(self, config, image_token_id: int, full_tuning: bool):
+        self.config, self.image_token_id, self.full_tuning = config, image_token_id, full_tuning
+        self.reset()
+
+    def reset(self) -> None:
+        self.batches: list[tuple[int, int, int, float, int]] = []  # samples, real/image tokens, flops, positions
+        self.marks: list[float] = []  # the start of training, then the end of every step
+
+    def hook(self, module, args, kwargs):
+        input_ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        labels, grid = kwargs.get("labels"), kwargs.get("image_grid_thw")
+        if input_ids is None or not module.training:
+            return
+        lengths = mask.sum(dim=1).tolist() if mask is not None else [input_ids.shape[1]] * input_ids.shape[0]
+        supervised = (labels[:, 1:] != -100).sum(dim=1).tolist() if labels is not None else [0] * len(lengths)
+        grids = [tuple(g) for g in grid.tolist()] if grid is not None else []
+        flops = model_flops_train(self.config, grids, lengths, supervised, self.full_tuning)
+        self.batches.append((input_ids.shape[0], int(sum(lengths)),
+                             int((input_ids == self.image_token_id).sum()), flops, input_ids.numel()))
+
+    def callback(self, device):
+        from transformers import TrainerCallback
+
+        meter = self
+
+        class StepTimer(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                _synchronize(device)
+                meter.marks.append(time.perf_counter())
+
+            def on_step_end(self, args, state, control, **kwargs):
+                _synchronize(device)
+                meter.marks.append(time.perf_counter())
+
+        return StepTimer()
+
+    def result(self, recipe: str, peak: int, settings: dict) -> Result:
+        real, positions = sum(b[1] for b in self.batches), sum(b[4] for b in self.batches)
+        return Result(recipe, sum(b[0] for b in self.batches), self.marks[-1] - self.marks[0], real,
+                      sum(b[2] for b in self.batches), sum(b[3] for b in self.batches), peak, settings,
+                      {"padding": 1 - real / max(positions, 1), "steps": len(self.marks) - 1})
+
+
+def run_train_recipe(bench: Bench, recipe: str, options: dict, train_data, work: Path) -> Result:
+    """`warmup_steps` untimed steps, then one timed epoch over `train_data` (the same samples for every
+    recipe), from the start of training (data loader start-up included) to the end of the last step."""
+    import torch
+    from trl import SFTTrainer
+
+    from chartvlm.collate import make_collator
+    from chartvlm.modeling import prepare_for_training
+    from chartvlm.train import check_config, resolve_optimizer, with_supervised_loss
+
+    args = bench.args
+    config = train_config(bench, options, args.warmup_steps, work / recipe)
+    check_config(config)
+    resolve_optimizer(config.train)
+    torch.manual_seed(args.seed)
+    model = copy.deepcopy(bench.model)
+    if config.model.attn_implementation != model.config._attn_implementation:  # noqa: SLF001
+        model.set_attn_implementation(config.model.attn_implementation)
+    model = prepare_for_training(model, config.model)
+    meter = _TrainMeter(bench.model.config, bench.model.config.image_token_id, config.model.tuning == "full")
+    handle = model.register_forward_pre_hook(meter.hook, with_kwargs=True)
+    trainer = with_supervised_loss(SFTTrainer)(
+        model=model, args=config.train, data_collator=make_collator(bench.processor, bench.system_message),
+        train_dataset=train_data, processing_class=bench.processor, callbacks=[meter.callback(bench.device)],
+    )
+    try:
+        trainer.train()  # warm-up: max_steps = warmup_steps
+        meter.reset()
+        trainer.args.max_steps = -1  # then exactly one epoch
+        with PeakMemory(bench.device) as memory:
+            trainer.train()
+    finally:
+        handle.remove()
+    optim = str(getattr(config.train.optim, "value", config.train.optim))  # as resolve_optimizer left it
+    result = meter.result(recipe, memory.peak_bytes, {**options, "optim": optim})
+    del trainer, model
+    _free(bench.device)
+    return result
+
+
+def _free(device) -> None:
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench_train(args) -> dict:
+    from chartvlm.train import sequence_lengths, with_lengths
+
+    recipes = train_recipes(args.recipes, pick_device(args), args.train_batch_size)
+    bench = setup(args)
+    train_data = bench.data["train"]
+    if len(train_data) < args.samples:
+        raise ChartVLMError(f"the train split has {len(train_data)} samples, fewer than --samples {args.samples}: "
+                            "render more with --charts")
+    train_data = train_data.select(range(args.samples))
+    train_data = with_lengths(train_data, sequence_lengths(train_data, bench.processor, bench.system_message))
+    rate = matmul_rate(bench.device, bench.dtype)
+    rounds: dict[str, list[Result]] = {name: [] for name in recipes}
+    with tempfile.TemporaryDirectory(prefix="chartvlm-bench-") as work:
+        for round_index in range(args.rounds):
+            order = list(recipes) if round_index % 2 == 0 else list(reversed(recipes))
+            for name in order:
+                logger.info("train recipe %s (round %d/%d)", name, round_index + 1, args.rounds)
+                rounds[name].append(run_train_recipe(bench, name, recipes[name], train_data, Path(work)))
+    return summarise("train", args, bench, rounds, rate)
+
+
+# ---------------------------------------------------------------------------------------------- eval
+def eval_recipes(names: list[str]) -> dict[str, dict | None]:
+    if names == ["all"]:
+        names = list(EVAL_STEPS)
+    unknown = [n for n in names if n not in EVAL_STEPS]
+    if unknown:
+        raise ChartVLMError(f"unknown eval recipe(s) {unknown}; choose from {list(EVAL_STEPS)} or all")
+    return {name: EVAL_STEPS[name] for name in names}
+
+
+def _question_shapes(bench: Bench, dataset) -> list[tuple[tuple, int, int]]:
+    """(image grid, real prompt tokens, image tokens) of every question, as the processor builds them."""
+    from chartvlm.generate import generation_inputs
+    from chartvlm.prompts import format_data
+
+    image_token = bench.model.config.image_token_id
+    shapes = []
+    for row in dataset:
+        inputs = generation_inputs([format_data(row, bench.system_message)], bench.processor)
+        ids = inputs["input_ids"][0]
+        shapes.append((tuple(inputs["image_grid_thw"][0].tolist()), int(ids.numel()),
+                       int((ids == image_token).sum())))
+    return shapes
+
+
+def _answers_seed(bench: Bench, dataset) -> list[str]:
+    from chartvlm.generate import text_generator
+    from chartvlm.prompts import format_data
+
+    return [text_generator(format_data(row, bench.system_message), bench.processor, bench.model, bench.device,
+                           bench.args.max_new_tokens)[0] for row in dataset]
+
+
+def _answers_run_predictions(bench: Bench, dataset, options: dict, work: Path) -> list[str]:
+    from chartvlm.evaluate import EvalSettings, run_predictions
+    from chartvlm.io import read_jsonl
+
+    folder = Path(tempfile.mkdtemp(dir=work))
+    settings = EvalSettings(model=bench.args.preset, adapter=None, dataset="bench", split="test", subset=None,
+                            subset_seed=0, system_message=bench.system_message,
+                            max_new_tokens=bench.args.max_new_tokens, batch_size=bench.args.batch_size,
+                            min_pixels=bench.args.min_pixels, max_pixels=bench.args.max_pixels)
+    run_predictions(bench.model, bench.processor, dataset, folder, settings, resume=False, progress=False,
+                    **options)
+    return [row["prediction"] for row in sorted(read_jsonl(folder / "predictions.jsonl"), key=lambda r: r["index"])]
+
+
+def run_eval_recipe(bench: Bench, recipe: str, options: dict | None, dataset, shapes, work: Path) -> Result:
+    import torch
+
+    def answer(rows):
+        if options is None:
+            return _answers_seed(bench, rows)
+        return _answers_run_predictions(bench, rows, options, work)
+
+    with torch.inference_mode():
+        answer(dataset.select(range(min(2, len(dataset)))))  # warm-up
+        _synchronize(bench.device)
+        with PeakMemory(bench.device) as memory:
+            started = time.perf_counter()
+            answers = answer(dataset)
+            _synchronize(bench.device)
+            seconds = time.perf_counter() - started
+    tokenizer = bench.processor.tokenizer
+    flops = sum(model_flops_generate(bench.model.config, grid, length,
+                                     min(len(tokenizer(a)["input_ids"]) + 1, bench.args.max_new_tokens))
+                for (grid, length, _), a in zip(shapes, answers))
+    settings = {"loop": "text_generator, one question at a time"} if options is None else \
+        {"batch_size": bench.args.batch_size, **options}
+    if settings.get("prefetch", False) is None:
+        settings["prefetch"] = f"auto ({bench.device.type == 'cuda'})"
+    return Result(recipe, len(answers), seconds, sum(s[1] for s in shapes), sum(s[2] for s in shapes), flops,
+                  memory.peak_bytes, settings, {"answers": answers})
+
+
+def bench_eval(args) -> dict:
+    recipes = eval_recipes(args.recipes)
+    bench = setup(args)
+    bench.model.eval()
+    dataset = bench.data["test"]
+    if args.questions and args.questions < len(dataset):
+        dataset = dataset.select(range(args.questions))
+    shapes = _question_shapes(bench, dataset)
+    rate = matmul_rate(bench.device, bench.dtype)
+    rounds: dict[str, list[Result]] = {name: [] for name in recipes}
+    with tempfile.TemporaryDirectory(prefix="chartvlm-bench-") as work:
+        for round_index in range(args.rounds):
+            order = list(recipes) if round_index % 2 == 0 else list(reversed(recipes))
+            for name in order:
+                logger.info("eval recipe %s (round %d/%d)", name, round_index + 1, args.rounds)
+                rounds[name].append(run_eval_recipe(bench, name, recipes[name], dataset, shapes, Path(work)))
+                _free(bench.device)
+    reference = rounds[next(iter(rounds))][0].extra["answers"]
+    for results in rounds.values():
+        for result in results:
+            answers = result.extra.pop("answers")
+            result.extra["identical_answers"] = answers == reference
+            result.extra["different_answers"] = sum(a != b for a, b in zip(answers, reference))
+    return summarise("eval", args, bench, rounds, rate)
+
+
+# ---------------------------------------------------------------------------------------------- output
+def summarise(kind: str, args, bench: Bench, rounds: dict[str, list[Result]], rate: float) -> dict:
+    """One row per recipe (the median round by samples/s), speed-ups against the first recipe."""
+    rows = []
+    for name, results in rounds.items():
+        per_round = [r.row(rate) for r in results]
+        median = statistics.median_low([r["samples_per_s"] for r in per_round])
+        row = next(r for r in per_round if r["samples_per_s"] == median)
+        row["rounds_samples_per_s"] = [r["samples_per_s"] for r in per_round]
+        rows.append(row)
+    base = rows[0]["samples_per_s"]
+    for row in rows:
+        row["speedup"] = row["samples_per_s"] / base if base else None
+    return {
+        "kind": kind,
+        "command": "chartvlm bench " + " ".join([kind, *args.argv]),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine(bench.device),
+        "preset": args.preset,
+        "dtype": str(bench.dtype).replace("torch.", ""),
+        "matmul_tflops_per_s": rate / 1e12,
+        "data": {"charts": args.charts, "questions_per_chart": args.questions_per_chart,
+                 "image_size": args.image_size or PRESET_DEFAULTS.get(args.preset) or "ChartQA-like 400-800 x 300-600",
+                 "scrambled_weights": args.scramble},
+        "rounds": args.rounds,
+        "recipes": rows,
+    }
+
+
+def markdown(summary: dict) -> str:
+    m = summary["machine"]
+    where = (f"{m.get('gpu') or m['cpu']}, {m['cores']} cores, {m['threads']} torch threads, torch {m['torch']}, "
+             f"load average {m['load_average_1min']} at the end")
+    unit = "samples" if summary["kind"] == "train" else "questions"
+    evaluating = summary["kind"] == "eval"
+    rows = summary["recipes"]
+    lines = [
+        f"### bench {summary['kind']}: {summary['preset']} preset, {summary['date'][:10]}",
+        "",
+        f"`{summary['command']}` on {where}; {summary['dtype']}; measured matmul rate "
+        f"{summary['matmul_tflops_per_s']:.3f} TFLOP/s; {_describe_data(summary['data'])}.",
+        "",
+        f"| recipe | change | {unit}/s | real tokens/s | image tokens/{unit[:-1]} | peak memory MiB | model TFLOP/s "
+        f"| MFU | vs {rows[0]['recipe']} |" + (" identical answers |" if evaluating else " padding |"),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---|" if evaluating else "---:|"),
+    ]
+    previous = None
+    for r in rows:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        line = (f"| {r['recipe']} | {_change(previous, r['settings'])} | {r['samples_per_s']:.2f} "
+                f"| {r['real_tokens_per_s']:.0f} | {r['image_tokens_per_sample']:.0f} | {r['peak_memory_mib']:.0f} "
+                f"| {r['model_tflops_per_s']:.4f} | {mfu} | {r['speedup']:.2f}x |")
+        if evaluating:
+            line += " yes |" if r["identical_answers"] else f" no ({r['different_answers']} differ) |"
+        else:
+            line += f" {100 * r['padding']:.0f}% |"
+        lines.append(line)
+        previous = r["settings"]
+    if summary.get("rounds", 1) > 1:
+        lines += ["", f"Median of {summary['rounds']} rounds (recipes in alternating order); samples/s per round: "
+                  + "; ".join(f"{r['recipe']} {', '.join(f'{v:.2f}' for v in r['rounds_samples_per_s'])}"
+                              for r in rows) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def _describe_data(data: dict) -> str:
+    size = data["image_size"]
+    size = f"{size[0]}x{size[1]}" if isinstance(size, (list, tuple)) else size
+    weights = "random weights ~N(0, 0.15)" if data["scrambled_weights"] else "the preset's random init"
+    return (f"{data['charts']} synthetic charts ({size}), {data['questions_per_chart']} questions each, "
+            f"half for training, half for evaluation; {weights}")
+
+
+def _change(previous: dict | None, settings: dict) -> str:
+    """The settings that differ from the row above (all of them for the first row)."""
+    changed = {k: v for k, v in settings.items() if previous is None or previous.get(k) != v}
+    return ", ".join(f"{k}={v}" for k, v in changed.items()) or "-"
+
+
+def write_outputs(summary: dict, out: str, markdown_path: str | None) -> tuple[Path, Path | None]:
+    from chartvlm.io import atomic_write_json
+
+    stamp = summary["date"].replace(":", "").replace("-", "")
+    json_path = atomic_write_json(Path(out) / f"{summary['kind']}-{summary['preset']}-{stamp}.json", summary)
+    md_path = None
+    if markdown_path:
+        md_path = Path(markdown_path)
+        with md_path.open("a", encoding="utf-8") as sink:
+            sink.write("\n" + markdown(summary))
+    return Path(json_path), md_path
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def parser() -> argparse.ArgumentParser:
+    from chartvlm.config import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+
+    p = argparse.ArgumentParser(prog="chartvlm bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("kind", choices=["train", "eval"])
+    p.add_argument("--preset", default="small", help="Model preset (chartvlm model init); qwen2.5-vl-3b on GPU.")
+    p.add_argument("--recipes", default="seed,fast",
+                   help="Comma-separated recipes, the first is the baseline; `all` runs every step. "
+                        f"train: {', '.join(TRAIN_STEPS)} (+ {', '.join(TRAIN_GPU_EXTRAS)} on GPU); "
+                        f"eval: {', '.join(EVAL_STEPS)}.")
+    p.add_argument("--samples", type=int, default=64,
+                   help="train: the samples of the timed epoch (the same ones for every recipe), after the warm-up.")
+    p.add_argument("--warmup_steps", type=int, default=1, help="train: untimed optimizer steps first.")
+    p.add_argument("--train_batch_size", type=int, default=8, help="train: batch size from the `batched` recipe on.")
+    p.add_argument("--questions", type=int, default=48, help="eval: questions answered per recipe (0 = all).")
+    p.add_argument("--batch_size", type=int, default=8, help="eval: questions per generation batch.")
+    p.add_argument("--max_new_tokens", type=int, default=16,
+                   help="eval: new-token limit, the same for every recipe (lmms-eval uses 16 for ChartQA).")
+    p.add_argument("--charts", type=int, default=80, help="Synthetic charts to render (half train, half test).")
+    p.add_argument("--questions_per_chart", type=int, default=2,
+                   help="Questions per chart (ChartQA: ~1.5 in train, ~1.7 in test).")
+    p.add_argument("--image_size", type=lambda s: tuple(int(v) for v in s.lower().split("x")), default=None,
+                   help="WIDTHxHEIGHT of every chart (default: ChartQA-like sizes; 800x600 for the 3B/7B presets).")
+    p.add_argument("--min_pixels", type=int, default=DEFAULT_MIN_PIXELS)
+    p.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="Run the recipes this many times, alternating their order; report each one's median.")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own choice).")
+    p.add_argument("--scramble", type=lambda v: v.lower() in ("1", "true", "yes"), default=None,
+                   help="Redraw the weights ~N(0, 0.15) so answers vary with the chart (the plain random init "
+                        "repeats one token for any input). Default: on for tiny/small, off for the full-size presets.")
+    p.add_argument("--cpu", action="store_true", help="Stay on the CPU even where CUDA is available.")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default=None, help="Synthetic data folder (default: a cache under --out).")
+    p.add_argument("--out", default="output/bench", help="Folder for the JSON results and the data cache.")
+    p.add_argument("--markdown", default="BENCHMARKS.md", help="Markdown file the table is appended to ('' = none).")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    args.argv = list(argv[1:])
+    args.recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    if args.scramble is None:
+        args.scramble = args.preset in ("tiny", "small")
+    if args.samples < 1 or args.warmup_steps < 1 or args.rounds < 1 or args.batch_size < 1:
+        raise ChartVLMError("--samples, --warmup_steps, --rounds and --batch_size must be at least 1")
+    summary = bench_train(args) if args.kind == "train" else bench_eval(args)
+    json_path, md_path = write_outputs(summary, args.out, args.markdown or None)
+    print(markdown(summary))
+    print(f"saved {json_path}" + (f", appended to {md_path}" if md_path else ""))
+    return 0
