@@ -52,6 +52,35 @@ def test_answer_only_head_gives_the_full_logits_loss_and_gradients(tiny):
                           nll / (supervised + 5), rtol=1e-6)
 
 
+def test_frozen_vision_tower_gets_no_backward_and_the_gradients_stay(tiny):
+    """Gradient checkpointing + PEFT make the vision patch embedding's output require grad; with the hook the
+    frozen tower's output is detached (no backward, no recomputation through it) and nothing else changes."""
+    from chartvlm.modeling import prepare_for_training
+    from chartvlm.train import skip_frozen_vision_backward
+
+    batch = collate_fn(chart_rows(2), tiny[1])
+    grads, tracked = {}, {}
+    for skip in (False, True):
+        torch.manual_seed(0)
+        model = prepare_for_training(copy.deepcopy(tiny[0]), parse_config(["--lora_dropout", "0"]).model)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+        if skip:
+            assert skip_frozen_vision_backward(model)
+        visual = next(m for name, m in model.named_modules() if name.endswith(".visual"))
+        visual.register_forward_hook(lambda m, args, out: tracked.__setitem__(skip, out.pooler_output.requires_grad))
+        model.train()
+        loss, _ = supervised_loss(model, dict(batch))
+        loss.backward()
+        grads[skip] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert tracked == {False: True, True: False}
+    assert len(grads[True]) > 4
+    assert_same_grads(grads[True], grads[False])
+    with_vision_lora = parse_config(["--lora_include_vision", "true", "--lora_target_modules", "all-linear"]).model
+    vision_lora = prepare_for_training(copy.deepcopy(tiny[0]), with_vision_lora)
+    assert not skip_frozen_vision_backward(vision_lora)  # its vision LoRA needs the backward
+
+
 def trainer_for(tiny, tmp_path, *flags):
     from datasets import Dataset
     from trl import SFTTrainer

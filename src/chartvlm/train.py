@@ -169,6 +169,31 @@ def supervised_loss(model, inputs: dict, num_items_in_batch=None, full_logits: b
     return loss / torch.as_tensor(count, device=loss.device).clamp(min=1), outputs
 
 
+def skip_frozen_vision_backward(model) -> bool:
+    """Detach the vision tower's output when none of its weights train. Gradient checkpointing makes the
+    input embeddings' outputs require grad (enable_input_require_grads, for PEFT), and transformers counts
+    the vision patch embedding among them: every step then back-propagates through the frozen tower and,
+    checkpointed, recomputes it, for gradients nothing uses (`chartvlm bench train` recipe
+    vision-no-backward). Returns whether the hook was added; the trainable weights' gradients do not change."""
+    from chartvlm.modeling import vision_parameters
+
+    if any(p.requires_grad for p in vision_parameters(model)):
+        return False
+    visual = next((m for name, m in model.named_modules() if name.split(".")[-1] == "visual"), None)
+    if visual is None:
+        return False
+
+    def detach(module, args, output):
+        for key in ("last_hidden_state", "pooler_output"):
+            value = getattr(output, key, None)
+            if value is not None and value.requires_grad:
+                setattr(output, key, value.detach())
+        return output
+
+    visual.register_forward_hook(detach)
+    return True
+
+
 def with_supervised_loss(trainer_class):
     """`trainer_class` (an SFTTrainer) computing its loss with `supervised_loss`."""
 
@@ -255,6 +280,7 @@ def main(config: RunConfig | None = None) -> Path:
     if main_process:
         log_sample_generation(model, processor, train_data, config, "before")
     model = prepare_for_training(model, config.model)
+    skip_frozen_vision_backward(model)
 
     interrupt = InterruptCallback()
     trainer = with_supervised_loss(AtomicSFTTrainer)(
