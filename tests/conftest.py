@@ -7,9 +7,12 @@ by mistake would fail instead of hanging.
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Content digests of test models are cached per session, not in the user's ~/.cache.
+os.environ.setdefault("CHARTVLM_CACHE", tempfile.mkdtemp(prefix="chartvlm-test-cache-"))
 
 import pytest  # noqa: E402
 

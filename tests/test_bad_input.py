@@ -236,7 +236,7 @@ def test_a_utf8_byte_order_mark_is_not_a_bad_row(images, tmp_path):
 def test_a_source_whose_rows_are_all_bad_is_an_error(images, tmp_path):
     path = images[0].parent / "all_bad.jsonl"
     path.write_text("{oops\n" + _line("imgs/gone.png") + "\n")
-    with pytest.raises(ChartVLMError, match=r"no usable rows found \(2 skipped as bad\)"):
+    with pytest.raises(ChartVLMError, match=r"every row is bad \(2 rows, each listed with its reason in skipped.jsonl\)"):
         load_chartqa(str(path), cache_dir=str(tmp_path / "cache"), on_bad_sample="skip")
     broken = images[0].parent / "all_broken_images.jsonl"
     broken.write_text(_line("imgs/corrupt.png") + "\n" + _line("imgs/thin.png") + "\n")
@@ -293,7 +293,7 @@ def test_validation_under_the_error_policy_names_the_row(messy, tmp_path):
     with pytest.raises(BadSampleError) as info:
         validate_rows(dataset, SkippedRows("error"), "messy (train)")
     first = _lines("image")[0]
-    assert info.value.where == f"messy (train) row train-{first - 1}"
+    assert info.value.where == f"{messy}:{first}", "a bad image is named by its file and line"
     assert _reason(first) in info.value.reason and "corrupt.png" in info.value.reason
 
 

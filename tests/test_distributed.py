@@ -42,9 +42,9 @@ def recording_collator(*args, **kwargs):
         return collate_rows(rows)
     return collate_and_record
 
-def save_and_record(trainer, model, processor, config):
-    record["lora"] = {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}
-    return save_outputs(trainer, model, processor, config)
+def save_and_record(trainer, processor, config, base):
+    record["lora"] = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if "lora_" in k}
+    return save_outputs(trainer, processor, config, base)
 
 def counted(name, function):
     def call(*args, **kwargs):

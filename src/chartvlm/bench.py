@@ -701,7 +701,7 @@ def write_outputs(summary: dict, out: str, markdown_path: str | None) -> tuple[P
 def parser() -> argparse.ArgumentParser:
     from chartvlm.config import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 
-    p = argparse.ArgumentParser(prog="chartvlm bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="chartvlm bench", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("kind", choices=["train", "eval"])
     p.add_argument("--preset", default="small", help="Model preset (chartvlm model init); qwen2.5-vl-3b on GPU.")

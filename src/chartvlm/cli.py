@@ -57,40 +57,48 @@ def cmd_eval(argv: list[str]) -> int:
 
 
 def cmd_predict(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="chartvlm predict", description="Answer questions about chart images.")
+    parser = argparse.ArgumentParser(prog="chartvlm predict", description="Answer questions about chart images.",
+                                     allow_abbrev=False)
     parser.add_argument("--model", required=True, help="Model folder or hub id (base or merged).")
     parser.add_argument("--adapter", help="LoRA adapter folder to apply.")
     parser.add_argument("--image", action="append", required=True, help="Chart image; repeat with --question.")
     parser.add_argument("--question", action="append", required=True, help="Question; one per --image.")
     parser.add_argument("--max_new_tokens", type=int, default=None, help="Default: the config's max_new_tokens.")
     parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--force_adapter", action="store_true",
+                        help="Apply the adapter even if it was trained on another base model.")
     args = parser.parse_args(argv)
     if len(args.image) != len(args.question):
         raise ChartVLMError(f"got {len(args.image)} --image but {len(args.question)} --question; pair them")
     from chartvlm.predict import predict
 
     for answer in predict(args.model, args.image, args.question, adapter=args.adapter,
-                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size):
+                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                          force_adapter=args.force_adapter):
         print(answer)
     return 0
 
 
 def cmd_export(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="chartvlm export", description="Merge a LoRA adapter into its base.")
+    parser = argparse.ArgumentParser(prog="chartvlm export", description="Merge a LoRA adapter into its base.",
+                                     allow_abbrev=False)
     parser.add_argument("--adapter", required=True, help="Adapter folder written by chartvlm train.")
     parser.add_argument("--out", required=True, help="Folder for the standalone merged model + processor.")
     parser.add_argument("--model", help="Base model (default: the one recorded in the adapter).")
+    parser.add_argument("--force_adapter", action="store_true",
+                        help="Merge even if the adapter was trained on another base model.")
     args = parser.parse_args(argv)
     from chartvlm.predict import export_merged
 
-    print(export_merged(args.adapter, args.out, base_model=args.model))
+    print(export_merged(args.adapter, args.out, base_model=args.model, force_adapter=args.force_adapter))
     return 0
 
 
 def cmd_data(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="chartvlm data", description="Data tools.")
+    parser = argparse.ArgumentParser(prog="chartvlm data", description="Data tools.", allow_abbrev=False)
     sub = parser.add_subparsers(dest="action", required=True)
-    synth = sub.add_parser("synth", help="Render synthetic ChartQA-style charts with exact answers.")
+    synth = sub.add_parser("synth", help="Render synthetic ChartQA-style charts with exact answers.",
+                           allow_abbrev=False)
     synth.add_argument("--n", type=int, required=True, help="Number of charts.")
     synth.add_argument("--out", required=True, help="Output folder (a save_to_disk DatasetDict).")
     synth.add_argument("--seed", type=int, default=0)
@@ -113,9 +121,9 @@ def cmd_data(argv: list[str]) -> int:
 def cmd_model(argv: list[str]) -> int:
     from chartvlm.modelinit import PRESETS
 
-    parser = argparse.ArgumentParser(prog="chartvlm model", description="Model tools.")
+    parser = argparse.ArgumentParser(prog="chartvlm model", description="Model tools.", allow_abbrev=False)
     sub = parser.add_subparsers(dest="action", required=True)
-    init = sub.add_parser("init", help="Write a randomly initialised Qwen2.5-VL (offline).")
+    init = sub.add_parser("init", help="Write a randomly initialised Qwen2.5-VL (offline).", allow_abbrev=False)
     init.add_argument("--preset", required=True, choices=sorted(PRESETS))
     init.add_argument("--out", required=True)
     init.add_argument("--seed", type=int, default=0)
@@ -166,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         code = getattr(exc, "exit_code", 2)
         print(f"chartvlm {argv[0]}: {'error: ' if code == 2 else ''}{exc}", file=sys.stderr)
         return code
+    except OSError as exc:  # a full disk, a read-only folder, a missing file: the path and the cause, no trace
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"chartvlm {argv[0]}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"chartvlm {argv[0]}: interrupted", file=sys.stderr)
         return 130

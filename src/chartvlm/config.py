@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,10 @@ class DataArguments:
     subset_seed: int = field(default=42, metadata={"help": "Seed that picks the subset."})
     system_message: str = field(
         default=SYSTEM_MESSAGE, metadata={"help": "System prompt used for training, evaluation and inference."}
+    )
+    allow_outside_images: bool = field(
+        default=False,
+        metadata={"help": "Accept image paths in JSON/JSONL data that leave the data's folder (../, absolute)."},
     )
     on_bad_sample: str | None = field(
         default=None,
@@ -92,7 +97,8 @@ class ModelArguments:
         default=False, metadata={"help": "Also put LoRA on matching vision-tower modules."}
     )
     train_vision_tower: bool = field(
-        default=False, metadata={"help": "Train the vision tower (full tuning) instead of freezing it."}
+        default=False, metadata={"help": "Train the whole vision tower instead of freezing it (with LoRA it is "
+                                         "saved with the adapter, as PEFT modules_to_save)."}
     )
     min_pixels: int = field(default=DEFAULT_MIN_PIXELS, metadata={"help": "Smallest image area after resizing."})
     max_pixels: int = field(
@@ -101,6 +107,9 @@ class ModelArguments:
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa | eager | flash_attention_2"})
 
     def __post_init__(self):
+        if self.tuning != "full" and self.train_vision_tower and self.lora_include_vision:
+            raise ChartVLMError("train_vision_tower trains the whole vision tower (saved with the adapter) and "
+                                "lora_include_vision puts LoRA on it: choose one")
         if self.lora_r <= 0 or self.lora_alpha <= 0:
             raise ChartVLMError("lora_r and lora_alpha must be positive")
         if not 0 <= self.lora_dropout < 1:
@@ -132,6 +141,11 @@ class EvalArguments:
         default=None, metadata={"help": "Second model folder/id to evaluate in the same run (e.g. the base)."}
     )
     compare_adapter: str | None = field(default=None, metadata={"help": "Adapter for the compared model."})
+    force_adapter: bool = field(
+        default=False,
+        metadata={"help": "Apply an adapter even though it was trained on a different base model than the one "
+                          "given (by default that is an error)."},
+    )
     eval_output_dir: str = field(default="output/eval", metadata={"help": "Where predictions and metrics go."})
     report: bool = field(default=True, metadata={"help": "Write report.html next to metrics.json."})
 
@@ -248,7 +262,7 @@ def _known_options() -> list[str]:
     return sorted({f.name for cls in SECTIONS for f in dataclasses.fields(cls) if f.init})
 
 
-def _unknown_key_error(unknown: list[str], origin: str) -> ChartVLMError:
+def _unknown_key_error(unknown: list[str], origin: str, prog: str = "chartvlm train") -> ChartVLMError:
     known = _known_options()
     lines = []
     for key in unknown:
@@ -256,7 +270,27 @@ def _unknown_key_error(unknown: list[str], origin: str) -> ChartVLMError:
         hint = f" (did you mean: {', '.join(hints)}?)" if hints else ""
         lines.append(f"  {key}{hint}")
     return ChartVLMError(f"unknown configuration key(s) in {origin}:\n" + "\n".join(lines)
-                         + "\nRun `chartvlm train --help` for every option.")
+                         + f"\nRun `{prog} --help` for every option.")
+
+
+_NEGATIVE_NUMBER = re.compile(r"^-(\d|\.\d|inf|nan)", re.IGNORECASE)
+
+
+def _attach_negative_numbers(argv: list[str]) -> list[str]:
+    """`--learning_rate -1e-4` -> `--learning_rate=-1e-4`: argparse reads a value starting with '-' that is not
+    a plain number as the next option and prints a usage dump; attached, the value reaches the check that
+    explains what is wrong with it."""
+    joined: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token.startswith("--") and "=" not in token and i + 1 < len(argv) and _NEGATIVE_NUMBER.match(argv[i + 1]):
+            joined.append(f"{token}={argv[i + 1]}")
+            i += 2
+            continue
+        joined.append(token)
+        i += 1
+    return joined
 
 
 def _flatten_yaml(config: dict, path: str) -> dict:
@@ -272,8 +306,9 @@ def _flatten_yaml(config: dict, path: str) -> dict:
 
 def parse_config(argv: list[str] | None = None, prog: str = "chartvlm") -> RunConfig:
     """Resolve defaults < YAML (`--config`) < flags into a RunConfig; unknown keys raise ChartVLMError."""
-    argv = list(argv or [])
-    parser = TrlParser(SECTIONS, prog=prog)
+    argv = _attach_negative_numbers(list(argv or []))
+    # No abbreviations: `--learning_rat 0.5` must be an unknown key, not a silent learning_rate.
+    parser = TrlParser(SECTIONS, prog=prog, allow_abbrev=False)
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
@@ -291,7 +326,7 @@ def parse_config(argv: list[str] | None = None, prog: str = "chartvlm") -> RunCo
         values = _flatten_yaml(loaded, str(config_path))
         unknown = sorted(set(values) - set(_known_options()))
         if unknown:
-            raise _unknown_key_error(unknown, str(config_path))
+            raise _unknown_key_error(unknown, str(config_path), prog)
         parser.set_defaults_with_config(**values)
     try:
         data, model, evaluation, train, rest = parser.parse_args_into_dataclasses(
@@ -301,7 +336,7 @@ def parse_config(argv: list[str] | None = None, prog: str = "chartvlm") -> RunCo
         raise ChartVLMError(f"invalid configuration: {exc}") from None
     if rest:
         flags = [r.lstrip("-").split("=")[0] for r in rest if r.startswith("-")]
-        raise _unknown_key_error(flags or rest, "the command line")
+        raise _unknown_key_error(flags or rest, "the command line", prog)
     return RunConfig(data=data, model=model, eval=evaluation, train=train)
 
 

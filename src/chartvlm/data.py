@@ -40,9 +40,11 @@ CORE_COLUMNS = ("image", "query", "label", "human_or_machine")
 _QUERY_KEYS = ("query", "question")
 _LABEL_KEYS = ("label", "answer", "answers")
 # Bump when the normalisation changes, so cached Arrow files built by older code are not reused.
-_CACHE_VERSION = "chartvlm-data-2"
+_CACHE_VERSION = "chartvlm-data-3"
 
 ON_BAD_SAMPLE = ("skip", "error")
+# Where a JSON/JSONL row came from (file:line, file[index]), so a bad image found later is named by it.
+LOCATION_COLUMN = "source_location"
 SKIPPED_FILENAME = "skipped.jsonl"
 
 
@@ -126,6 +128,7 @@ def load_chartqa(
     seed: int = 42,
     cache_dir: str | None = None,
     on_bad_sample: "str | SkippedRows" = "error",
+    allow_outside_images: bool = False,
 ) -> "datasets.Dataset":
     """Load ChartQA-style data from `source` and return it in the normalised ChartQA schema.
 
@@ -141,19 +144,22 @@ def load_chartqa(
     file and row); "skip" leaves bad rows out, counted and logged; a SkippedRows collects them for
     skipped.jsonl. A row's `row_id` is its position in the source, skipped rows included. These
     checks read no pixels; `validate_rows` checks the images of the rows a run uses.
+    `allow_outside_images`: accept JSON/JSONL image paths that leave the data's folder.
     Raises ChartVLMError on bad input.
     """
     source = str(source)
     skipped = on_bad_sample if isinstance(on_bad_sample, SkippedRows) else SkippedRows(on_bad_sample)
     skipped_before = len(skipped)
     if is_local_source(source):
-        dataset, where = _load_local(source, split, cache_dir, skipped)
+        dataset, where = _load_local(source, split, cache_dir, skipped, allow_outside_images)
     else:
         dataset, where = _load_hub(source, split, cache_dir, skipped), source
     if len(skipped) > skipped_before:
         logger.warning("%s (%s): skipped %d bad rows (on_bad_sample=skip)", where, split, len(skipped) - skipped_before)
     if len(dataset) == 0:
-        raise ChartVLMError(f"{where}: the {split} split has no rows.")
+        bad = len(skipped) - skipped_before
+        raise ChartVLMError(f"{where}: every row of the {split} split is bad ({bad} rows, each listed with its reason "
+                            f"in {SKIPPED_FILENAME})" if bad else f"{where}: the {split} split has no rows.")
     if "row_id" not in dataset.column_names:
         dataset = dataset.add_column("row_id", [f"{split}-{index}" for index in range(len(dataset))])
     dataset = _select_subset(dataset, subset, seed, f"{where} ({split})")
@@ -210,6 +216,7 @@ def validate_rows(
     name: str,
     measure: Any = None,
     drop_duplicates: bool = False,
+    control_tokens: tuple[str, ...] = (),
 ) -> tuple["datasets.Dataset", list[Any]]:
     """The one pass over a split before training or evaluation uses it, one row at a time with the
     image undecoded: each image must open and be intact (`chartvlm.images.check_image`), each
@@ -218,8 +225,13 @@ def validate_rows(
     Exact duplicates (same image, question and labels) are counted in `skipped.duplicates`; with
     `drop_duplicates` (training) they are left out and listed, otherwise (evaluation) kept and reported.
     `measure(row, width, height)` runs on each kept row, so a caller that needs image sizes (training's
-    sequence lengths) reads every header once. Returns the kept rows and their measure values.
+    sequence lengths) reads every header once. `control_tokens` (prompts.control_tokens of the model's
+    tokenizer): a question or label holding one is a bad row, since the tokenizer would not read it as text.
+    Rows are named by their source_location (file:line) where the loader recorded it. Returns the kept rows
+    and their measure values.
     """
+    from chartvlm.prompts import check_user_text
+
     import datasets
 
     from chartvlm.images import check_image
@@ -228,13 +240,14 @@ def validate_rows(
     keep, values, first_seen, duplicates = [], [], {}, 0
     for index, row in enumerate(raw):
         row_id = str(row.get("row_id") or index)
-        where = f"{name} row {row_id}"
+        where = row.get(LOCATION_COLUMN) or f"{name} row {row_id}"
         try:
             width, height = check_image(row["image"], where)
-            _normalise_query(row["query"], where)
+            check_user_text(_normalise_query(row["query"], where), "question", where, control_tokens)
             if row["label"] is None:
                 raise BadSampleError(where, "no answer")
-            _normalise_label(row["label"], where)
+            for label in _normalise_label(row["label"], where):
+                check_user_text(label, "answer", where, control_tokens)
         except BadSampleError as error:
             skipped.bad(error, row_id)
             continue
@@ -275,11 +288,13 @@ def _duplicate_key(row: dict[str, Any]) -> bytes:
 # --------------------------------------------------------------------------------------------
 
 
-def _normalise_row(raw: Any, where: str, base_dir: str) -> dict[str, Any]:
+def _normalise_row(raw: Any, where: str, base_dir: str, allow_outside_images: bool = False) -> dict[str, Any]:
     """Check one raw JSON row and return it normalised: image as an absolute path, query str,
-    label list[str], human_or_machine int, other keys unchanged.
+    label list[str], human_or_machine int, source_location (file:line or file[index]), other keys unchanged.
 
-    The single place where a JSON row is accepted or rejected (the caller applies on_bad_sample).
+    The single place where a JSON row is accepted or rejected (the caller applies on_bad_sample). An image
+    path that leaves the data's folder (`../`, an absolute path) is refused unless `allow_outside_images`:
+    a data file from elsewhere must not make chartvlm read (and show in reports) arbitrary files.
     """
     if not isinstance(raw, Mapping):
         raise BadSampleError(where, f"expected a JSON object, got {type(raw).__name__}")
@@ -287,6 +302,10 @@ def _normalise_row(raw: Any, where: str, base_dir: str) -> dict[str, Any]:
     if not isinstance(image, str) or not image.strip():
         raise BadSampleError(where, "no 'image' path (a chart image path, relative to the file's folder or absolute)")
     image_path = os.path.abspath(os.path.join(base_dir, os.path.expanduser(image)))
+    folder = os.path.abspath(base_dir)
+    if not allow_outside_images and os.path.commonpath([folder, image_path]) != folder:
+        raise BadSampleError(where, f"the image path {image!r} leaves the data folder {folder}; move the image "
+                                    "inside it, or set allow_outside_images=true if you trust the file")
     if not os.path.isfile(image_path):
         raise BadSampleError(where, f"image file not found: {image_path}")
 
@@ -305,6 +324,7 @@ def _normalise_row(raw: Any, where: str, base_dir: str) -> dict[str, Any]:
     }
     used = {"image", query_key, label_key, "human_or_machine"}
     row.update((key, value) for key, value in raw.items() if key not in used)
+    row.setdefault(LOCATION_COLUMN, where)
     return row
 
 
@@ -370,8 +390,8 @@ def _normalise_origin(value: Any, where: str) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _load_local(source: str, split: str, cache_dir: str | None,
-                skipped: SkippedRows) -> tuple["datasets.Dataset", str]:
+def _load_local(source: str, split: str, cache_dir: str | None, skipped: SkippedRows,
+                allow_outside_images: bool = False) -> tuple["datasets.Dataset", str]:
     path = os.path.expanduser(source)
     if _is_glob(path) and not os.path.exists(path):
         files = sorted(glob.glob(path, recursive=True))
@@ -386,26 +406,27 @@ def _load_local(source: str, split: str, cache_dir: str | None,
         if path.endswith(".parquet"):
             return _load_parquet([path], cache_dir, source, split, skipped), source
         if path.endswith(".jsonl"):
-            return _dataset_from_source("jsonl", path, split, cache_dir, skipped), source
+            return _dataset_from_source("jsonl", path, split, cache_dir, skipped, allow_outside_images), source
         raise ChartVLMError(
             f"{source}: unsupported file type. Give a .parquet or .jsonl file, or a folder "
             f"(save_to_disk output, parquet files, or the ChartQA release layout)."
         )
-    return _load_folder(path, split, cache_dir, skipped), source
+    return _load_folder(path, split, cache_dir, skipped, allow_outside_images), source
 
 
-def _load_folder(folder: str, split: str, cache_dir: str | None, skipped: SkippedRows) -> "datasets.Dataset":
+def _load_folder(folder: str, split: str, cache_dir: str | None, skipped: SkippedRows,
+                 allow_outside_images: bool = False) -> "datasets.Dataset":
     if _is_saved_dataset(folder):
         return _load_saved(folder, split, skipped)
     release_dir = _find_release_split_dir(folder, split)
     if release_dir is not None:
-        return _dataset_from_source("release", release_dir, split, cache_dir, skipped)
+        return _dataset_from_source("release", release_dir, split, cache_dir, skipped, allow_outside_images)
     parquet_files = _find_split_parquet(folder, split)
     if parquet_files:
         return _load_parquet(parquet_files, cache_dir, folder, split, skipped)
     jsonl = os.path.join(folder, f"{split}.jsonl")
     if os.path.isfile(jsonl):
-        return _dataset_from_source("jsonl", jsonl, split, cache_dir, skipped)
+        return _dataset_from_source("jsonl", jsonl, split, cache_dir, skipped, allow_outside_images)
 
     found = _splits_in_folder(folder)
     if found:
@@ -471,7 +492,9 @@ def _release_records(split_dir: str, split: str) -> Iterator[tuple[str, Any]]:
             data = handle.read()
         try:
             text = data.decode("utf-8-sig")
-            records = json.loads(text)
+            records = json.loads(text, object_pairs_hook=_unique_keys)
+        except _DuplicateKey as error:
+            raise ChartVLMError(f"{path}: the key {error.key!r} appears twice in one object; keep one") from None
         except UnicodeDecodeError as error:
             raise ChartVLMError(f"{path}: not valid UTF-8 (byte 0x{data[error.start]:02x} at offset {error.start}); "
                                 "save the file as UTF-8.") from None
@@ -508,6 +531,22 @@ def _check_surrogates(raw: Any, text: str, where: str) -> Any:
     return raw
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads keeps the last of two equal keys; a row with two answers or two images is ambiguous."""
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in found:
+            raise _DuplicateKey(key)
+        found[key] = value
+    return found
+
+
 def _jsonl_records(path: str) -> Iterator[tuple[str, Any]]:
     """(file:line, raw row or the BadSampleError that rejects it) for each non-blank line. Lines are
     read as bytes, so a line that is not UTF-8 is one bad row rather than a crash mid-file."""
@@ -523,14 +562,18 @@ def _jsonl_records(path: str) -> Iterator[tuple[str, Any]]:
             if not line.strip():
                 continue
             try:
-                raw = json.loads(line)
+                raw = json.loads(line, object_pairs_hook=_unique_keys)
             except json.JSONDecodeError as error:
                 yield where, BadSampleError(where, f"not valid JSON ({error.msg})")
+                continue
+            except _DuplicateKey as error:
+                yield where, BadSampleError(where, f"the key {error.key!r} appears twice in one object; keep one")
                 continue
             yield where, _check_surrogates(raw, line, where)
 
 
-def _source_rows(kind: str, source: str, split: str, skipped: SkippedRows) -> Iterator[dict[str, Any]]:
+def _source_rows(kind: str, source: str, split: str, skipped: SkippedRows,
+                 allow_outside_images: bool = False) -> Iterator[dict[str, Any]]:
     """Normalised rows of a JSONL file or a release split folder, one at a time; bad ones go to `skipped`."""
     if kind == "jsonl":
         records, base_dir = _jsonl_records(source), os.path.dirname(os.path.abspath(source))
@@ -540,7 +583,7 @@ def _source_rows(kind: str, source: str, split: str, skipped: SkippedRows) -> It
         try:
             if isinstance(raw, BadSampleError):
                 raise raw
-            row = _normalise_row(raw, where, base_dir)
+            row = _normalise_row(raw, where, base_dir, allow_outside_images)
         except BadSampleError as error:
             skipped.bad(error, f"{split}-{index}")
             continue
@@ -553,8 +596,8 @@ def _source_rows(kind: str, source: str, split: str, skipped: SkippedRows) -> It
 # --------------------------------------------------------------------------------------------
 
 
-def _dataset_from_source(kind: str, source: str, split: str, cache_dir: str | None,
-                         skipped: SkippedRows) -> "datasets.Dataset":
+def _dataset_from_source(kind: str, source: str, split: str, cache_dir: str | None, skipped: SkippedRows,
+                         allow_outside_images: bool = False) -> "datasets.Dataset":
     """Stream a JSONL file or release folder into an on-disk Arrow cache (images stay files, decoded lazily).
 
     First pass: check every row (bad ones go to `skipped`), infer the extra columns' types and
@@ -566,16 +609,18 @@ def _dataset_from_source(kind: str, source: str, split: str, cache_dir: str | No
     digest = hashlib.sha256()
     digest.update(_CACHE_VERSION.encode())
     extra_types: dict[str, dict[str, Any]] = {}
-    count = 0
-    for row in _source_rows(kind, source, split, skipped):
+    count, skipped_before = 0, len(skipped)
+    for row in _source_rows(kind, source, split, skipped, allow_outside_images):
         count += 1
         digest.update(json.dumps(row, sort_keys=True, default=str).encode())
         for key, value in row.items():
             if key not in CORE_COLUMNS:
                 _note_type(extra_types.setdefault(key, {}), value)
     if not count:
-        found = f" ({len(skipped)} skipped as bad)" if skipped else ""
-        raise ChartVLMError(f"{source}: no usable rows found{found}")
+        if len(skipped) > skipped_before:
+            raise ChartVLMError(f"{source}: every row is bad ({len(skipped) - skipped_before} rows, each listed with "
+                                f"its reason in {SKIPPED_FILENAME})")
+        raise ChartVLMError(f"{source}: no rows found")
     extra_features, json_keys = _extra_features(extra_types, source)
     features = datasets.Features(
         {
@@ -594,15 +639,15 @@ def _dataset_from_source(kind: str, source: str, split: str, cache_dir: str | No
         features=features,
         cache_dir=cache_dir,
         gen_kwargs={"kind": kind, "source": source, "split": split, "extra_keys": tuple(extra_features),
-                    "json_keys": json_keys},
+                    "json_keys": json_keys, "allow_outside_images": allow_outside_images},
         fingerprint=digest.hexdigest()[:32],
     )
 
 
-def _generate_rows(kind: str, source: str, split: str, extra_keys: tuple[str, ...],
-                   json_keys: tuple[str, ...]) -> Iterator[dict[str, Any]]:
+def _generate_rows(kind: str, source: str, split: str, extra_keys: tuple[str, ...], json_keys: tuple[str, ...],
+                   allow_outside_images: bool) -> Iterator[dict[str, Any]]:
     """The second pass of `_dataset_from_source`: bad rows were already counted by the first."""
-    for row in _source_rows(kind, source, split, SkippedRows("skip", log_first=0)):
+    for row in _source_rows(kind, source, split, SkippedRows("skip", log_first=0), allow_outside_images):
         for key in extra_keys:
             value = row.get(key)
             if key in json_keys and value is not None and not isinstance(value, str):

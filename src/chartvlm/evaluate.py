@@ -43,10 +43,21 @@ class EvalSettings:
     on_bad_sample: str = "error"
     skipped_questions: int = 0
     duplicated_questions: int = 0
+    # What the answers depend on beyond the names above (chartvlm.fingerprint): the weights' and the questions'
+    # content, the exact prompt text and every generation setting. A model retrained into the same folder is
+    # another model.
+    model_digest: str | None = None
+    adapter_digest: str | None = None
+    dataset_digest: str | None = None
+    prompt: str | None = None
+    generation: dict | None = None
 
     def fingerprint(self) -> dict:
         # Batch size changes speed, not answers (batched greedy == one-at-a-time), so it may differ on resume.
-        return {k: v for k, v in self.__dict__.items() if k != "batch_size"}
+        found = {k: v for k, v in self.__dict__.items() if k != "batch_size"}
+        if isinstance(self.generation, dict):
+            found["generation"] = {k: v for k, v in self.generation.items() if k != "batch_size"}
+        return found
 
 
 def question_id(row: dict, index: int, split: str) -> str:
@@ -125,16 +136,23 @@ def run_predictions(model, processor, dataset, out_dir: str | Path, settings: Ev
         prefetch = next(model.parameters()).device.type == "cuda"
     bar = tqdm(total=len(done) + len(pending), initial=len(done), unit="q", desc="eval", disable=not progress)
     batches = [pending[start : start + settings.batch_size] for start in range(0, len(pending), settings.batch_size)]
-    with predictions.open("a", encoding="utf-8") as sink:
-        for indices, rows, inputs in prepared_batches(dataset, batches, processor, settings.system_message, prefetch):
-            answers = generate_answers(model, processor, None, settings.max_new_tokens, share_vision=share_vision,
-                                       vision_cache=vision_cache, inputs=inputs)
-            for index, row, answer in zip(indices, rows, answers):
-                record = prediction_record(row, index, settings.split, answer, settings.metric)
-                sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-            sink.flush()
-            os.fsync(sink.fileno())
-            bar.update(len(indices))
+    answered = len(done)
+    try:
+        with predictions.open("a", encoding="utf-8") as sink:
+            for indices, rows, inputs in prepared_batches(dataset, batches, processor, settings.system_message,
+                                                          prefetch):
+                answers = generate_answers(model, processor, None, settings.max_new_tokens,
+                                           share_vision=share_vision, vision_cache=vision_cache, inputs=inputs)
+                for index, row, answer in zip(indices, rows, answers):
+                    record = prediction_record(row, index, settings.split, answer, settings.metric)
+                    sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+                sink.flush()
+                os.fsync(sink.fileno())
+                answered += len(indices)
+                bar.update(len(indices))
+    except OSError as error:
+        raise ChartVLMError(f"writing {predictions} failed: {error.strerror}; the {answered} questions answered "
+                            "before are kept: fix that and run the same command again to resume") from None
     bar.close()
     elapsed = time.perf_counter() - started
     _put_in_dataset_order(predictions)
@@ -202,6 +220,8 @@ def _image_headers(dataset, indices: list[int]):
 
     from PIL import Image
 
+    from chartvlm.images import displayed_size
+
     try:
         import datasets
 
@@ -219,7 +239,7 @@ def _image_headers(dataset, indices: list[int]):
                 continue
             content = image.get("bytes") or Path(image["path"]).read_bytes()
             with Image.open(io.BytesIO(content)) as opened:
-                yield index, (*opened.size, content)
+                yield index, (*displayed_size(opened), content)
         except Exception:  # noqa: BLE001 - ordering only; the row's own error is raised when it is answered
             yield index, (0, 0, b"")
 
@@ -332,6 +352,7 @@ def evaluate_one(config, model_path: str, adapter: str | None, out_dir: Path, da
     """Load one model (+ adapter), score `dataset`, write predictions/metrics (and the report later).
     `skipped`: the data.SkippedRows of the pass that checked `dataset`, recorded in the settings."""
     from chartvlm.distributed import sharded_predictions
+    from chartvlm.fingerprint import dataset_digest, model_digest
     from chartvlm.modeling import load_model, load_processor
 
     min_pixels, max_pixels = pixel_limits(config, adapter)
@@ -347,8 +368,14 @@ def evaluate_one(config, model_path: str, adapter: str | None, out_dir: Path, da
     else:
         settings.on_bad_sample = config.data.on_bad_sample or "error"
     processor = load_processor(model_path, min_pixels, max_pixels)
-    model = load_model(model_path, adapter=adapter, attn_implementation=config.model.attn_implementation)
+    model = load_model(model_path, adapter=adapter, attn_implementation=config.model.attn_implementation,
+                       force_adapter=config.eval.force_adapter)
     model.eval()
+    settings.model_digest = model_digest(model_path)
+    settings.adapter_digest = model_digest(adapter) if adapter else None
+    settings.dataset_digest = dataset_digest(dataset)
+    settings.prompt = prompt_template(processor, settings)
+    settings.generation = generation_record(processor, settings)
     logger.info("evaluating %s%s on %s/%s (%d questions) -> %s", model_path, f" + {adapter}" if adapter else "",
                 config.data.dataset, config.data.test_split, len(dataset), out_dir)
     return sharded_predictions(model, processor, dataset, out_dir, settings, progress=progress)
@@ -358,22 +385,39 @@ def run_eval(config, progress: bool = True) -> dict:
     """`chartvlm eval`: one model, or two with --compare_model/--compare_adapter, plus report.html."""
     from chartvlm.data import SkippedRows, ensure_hub_reachable, is_local_source, load_chartqa, validate_rows
     from chartvlm.distributed import init_process_group, is_main_process
+    from chartvlm.io import ensure_writable_dir
+    from chartvlm.modeling import check_adapter, check_model_folder, load_processor
+    from chartvlm.prompts import control_tokens
 
     init_process_group()  # under torchrun every rank answers its share; rank 0 prints and writes the rest
     main = is_main_process()
     model_path = config.model.model_name_or_path
-    for path, kind in ((model_path, "model"), (config.eval.compare_model, "model"), (config.data.dataset, "dataset")):
-        if path and not is_local_source(path):
-            ensure_hub_reachable(path, repo_type=kind)
+    comparing = bool(config.eval.compare_model or config.eval.compare_adapter)
+    models = [(model_path, config.eval.adapter)]
+    if comparing:
+        models.append((config.eval.compare_model or model_path, config.eval.compare_adapter))
+    # Everything that can be checked without loading a model is checked first.
+    for path, adapter in models:
+        check_model_folder(path)
+        if not is_local_source(path):
+            ensure_hub_reachable(path, repo_type="model")
+        if adapter:
+            check_adapter(adapter, path, config.eval.force_adapter)
+    if not is_local_source(config.data.dataset):
+        ensure_hub_reachable(config.data.dataset, repo_type="dataset")
+    out = ensure_writable_dir(config.eval.eval_output_dir, "eval_output_dir")
+    controls = tuple({token for path, _ in models for token in control_tokens(load_processor(path).tokenizer)})
     # on_bad_sample defaults to error here: a metric is never computed on a silently smaller set.
     skipped = SkippedRows(config.data.on_bad_sample or "error")
-    dataset = load_chartqa(config.data.dataset, split=config.data.test_split, subset=config.data.subset,
-                           seed=config.data.subset_seed, on_bad_sample=skipped)
-    dataset, _ = validate_rows(dataset, skipped, f"{config.data.dataset} ({config.data.test_split})")
-    out = Path(config.eval.eval_output_dir)
-    if main:
-        skipped.write(out)
-    comparing = bool(config.eval.compare_model or config.eval.compare_adapter)
+    try:
+        dataset = load_chartqa(config.data.dataset, split=config.data.test_split, subset=config.data.subset,
+                               seed=config.data.subset_seed, on_bad_sample=skipped,
+                               allow_outside_images=config.data.allow_outside_images)
+        dataset, _ = validate_rows(dataset, skipped, f"{config.data.dataset} ({config.data.test_split})",
+                                   control_tokens=controls)
+    finally:  # also when every row was bad: the message points to this file
+        if main:
+            skipped.write(out)
     main_dir = out / "model" if comparing else out
     results = {"model": evaluate_one(config, model_path, config.eval.adapter, main_dir, dataset, progress, skipped)}
     if main:

@@ -43,13 +43,49 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
-def image_size(encoded: dict) -> tuple[int, int]:
-    """(width, height) of an undecoded `datasets.Image` value ({"bytes", "path"}) from its header only."""
-    from PIL import Image
+# EXIF orientations 5-8 rotate by 90 or 270 degrees: the displayed image has width and height swapped.
+_TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
+_ORIENTATION_TAG = 0x0112
 
-    source = io.BytesIO(encoded["bytes"]) if encoded.get("bytes") else encoded["path"]
-    with Image.open(source) as image:
-        return image.size
+
+def displayed_size(image) -> tuple[int, int]:
+    """(width, height) of an opened, possibly undecoded image as it is shown: after its EXIF orientation, which
+    `open_image` (and datasets' decoding) applies. Read from the header; nothing is decoded."""
+    width, height = image.size
+    try:
+        orientation = image.getexif().get(_ORIENTATION_TAG)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block: the image is used as stored
+        orientation = None
+    return (height, width) if orientation in _TRANSPOSED_ORIENTATIONS else (width, height)
+
+
+def open_image(source, where: str = "image"):
+    """The one way chartvlm decodes an image file or its bytes, for every stage (training, evaluation, predict,
+    serving): decoded whole, then turned upright by its EXIF orientation, as `datasets` does when it decodes an
+    Image column, so a file and the same file inside a dataset give the same pixels.
+
+    `source`: a path, bytes, or a `datasets.Image` value ({"bytes", "path"}). A missing, empty or unreadable
+    image raises BadSampleError naming `where`."""
+    from PIL import Image, ImageOps
+
+    if isinstance(source, dict):
+        data, path = source.get("bytes"), source.get("path")
+        if data is None and not path:
+            raise BadSampleError(where, "no image")
+        source = data if data is not None else path
+    if isinstance(source, (bytes, bytearray)):
+        if not source:
+            raise BadSampleError(where, "empty image (0 bytes)")
+        source = io.BytesIO(source)
+    try:
+        with Image.open(source) as opened:
+            opened.load()
+            upright = ImageOps.exif_transpose(opened)
+            return opened.copy() if upright is opened else upright
+    except FileNotFoundError as error:
+        raise BadSampleError(where, f"image file not found: {error.filename}") from None
+    except Exception as error:  # noqa: BLE001 - Pillow signals a damaged file with many exception types
+        raise BadSampleError(where, f"image cannot be decoded ({_describe(error)})") from None
 
 
 def _check_shape(size: tuple[int, int], where: str) -> None:
@@ -65,7 +101,8 @@ def _check_shape(size: tuple[int, int], where: str) -> None:
 def check_image(encoded: dict | None, where: str) -> tuple[int, int]:
     """(width, height) of an undecoded `datasets.Image` value ({"bytes", "path"}) that the model can use.
 
-    Raises BadSampleError if there is no image, the file is missing, not an image or damaged (PNG chunk
+    The size is the displayed one (after the EXIF orientation `open_image` applies).
+    Raises BadSampleError if there is no image, it is empty, the file is missing, not an image or damaged (PNG chunk
     checksums are verified, JPEGs decoded at 1/8 scale, other formats decoded), above Pillow's
     decompression-bomb limit, or shaped so that the processor would refuse it. No full-size decode for
     PNG or JPEG, so a pass over every row stays cheap.
@@ -73,20 +110,24 @@ def check_image(encoded: dict | None, where: str) -> tuple[int, int]:
     from PIL import Image
 
     data, path = (encoded.get("bytes"), encoded.get("path")) if encoded else (None, None)
-    if not data and not path:
+    if data is None and not path:
         raise BadSampleError(where, "no image")
-    if not data and not os.path.isfile(path):
+    if data is not None and not data:
+        raise BadSampleError(where, f"empty image (0 bytes{f' for {path}' if path else ''})")
+    if data is None and not os.path.isfile(path):
         raise BadSampleError(where, f"image file not found: {path}")
     name = path or "the embedded image bytes"
     try:
         with Image.open(io.BytesIO(data) if data else path) as image:
-            size = image.size
+            width, height = image.size
             if image.format == "PNG":
                 image.verify()
             else:
                 if image.format == "JPEG":
-                    image.draft(None, (max(1, size[0] // 8), max(1, size[1] // 8)))
+                    image.draft(None, (max(1, width // 8), max(1, height // 8)))
                 image.load()
+        with Image.open(io.BytesIO(data) if data else path) as image:  # verify() leaves the image unusable
+            size = displayed_size(image)
     except Image.DecompressionBombError as error:
         raise BadSampleError(where, f"{name}: {error} Downscale the image.") from None
     except Exception as error:  # noqa: BLE001 - Pillow signals a damaged file with many exception types
@@ -99,8 +140,8 @@ def fit_to_pixels(image, max_pixels: int, factor: int = 28):
     """Shrink an image with more than SHRINK_ABOVE x max_pixels pixels to the size the Qwen2-VL processor
     would resize it to (so the processor has nothing left to do); return smaller images unchanged.
 
-    A JPEG not yet decoded is decoded at a reduced scale. Palette and bilevel images are converted to RGB
-    first, so that the shrink averages colours instead of picking palette entries.
+    Palette and bilevel images are converted to RGB first, so that the shrink averages colours instead of
+    picking palette entries.
     """
     from PIL import Image
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
@@ -110,16 +151,15 @@ def fit_to_pixels(image, max_pixels: int, factor: int = 28):
         return image
     target_height, target_width = smart_resize(height, width, factor=factor, min_pixels=factor * factor,
                                                max_pixels=max_pixels)
-    image.draft(None, (target_width, target_height))
     if image.mode in ("1", "P", "PA"):
         image = to_rgb(image)
     return image.resize((target_width, target_height), Image.Resampling.BICUBIC, reducing_gap=3.0)
 
 
 def model_image(value, processor, where: str = "image"):
-    """One chart image as every stage hands it to the processor: decoded (a PIL image, a path, or a
-    `datasets.Image` {"bytes", "path"} value), shrunk right after decoding when it is far above the
-    processor's max_pixels (`fit_to_pixels`), and RGB (`to_rgb`).
+    """One chart image as every stage hands it to the processor: decoded by `open_image` (unless it is already a
+    PIL image, as `datasets` decodes it), shrunk right after decoding when it is far above the processor's
+    max_pixels (`fit_to_pixels`), and RGB (`to_rgb`).
 
     A missing, damaged or unusable image raises BadSampleError naming `where` (e.g. the row id).
     """
@@ -129,27 +169,13 @@ def model_image(value, processor, where: str = "image"):
     size = getattr(image_processor, "size", None) or {}
     max_pixels = size.get("longest_edge") or image_processor.max_pixels
     factor = image_processor.patch_size * image_processor.merge_size
+    if isinstance(value, (str, os.PathLike, bytes, bytearray, dict)):
+        value = open_image(value, where)
+    elif not isinstance(value, Image.Image):
+        raise BadSampleError(where, f"expected a chart image, got {type(value).__name__}")
+    _check_shape(value.size, where)
     try:
-        if isinstance(value, Image.Image):
-            _check_shape(value.size, where)
-            return to_rgb(fit_to_pixels(value, max_pixels, factor))
-        if isinstance(value, (str, os.PathLike)):
-            source = value
-        elif isinstance(value, dict):
-            if not value.get("bytes") and not value.get("path"):
-                raise BadSampleError(where, "no image")
-            source = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
-        else:
-            raise BadSampleError(where, f"expected a chart image, got {type(value).__name__}")
-        with Image.open(source) as opened:
-            _check_shape(opened.size, where)
-            image = to_rgb(fit_to_pixels(opened, max_pixels, factor))
-            image.load()
-            return image.copy() if image is opened else image
-    except BadSampleError:
-        raise
-    except FileNotFoundError as error:
-        raise BadSampleError(where, f"image file not found: {error.filename}") from None
+        return to_rgb(fit_to_pixels(value, max_pixels, factor))
     except Exception as error:  # noqa: BLE001 - Pillow signals a damaged file with many exception types
         raise BadSampleError(where, f"image cannot be decoded ({_describe(error)})") from None
 

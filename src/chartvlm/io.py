@@ -3,16 +3,70 @@ killed process never leaves a half-written file where a complete one is expected
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
+
+# A save that fails with less free space than this on its disk failed because the disk is full: torch.save and
+# safetensors report a full disk as RuntimeError / SafetensorError, not as OSError(ENOSPC).
+NEARLY_FULL_BYTES = 1 << 20
 
 
 def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def ensure_writable_dir(path: str | Path, option: str) -> Path:
+    """Create the folder `path` (given as `option`) or fail with one clear message: it is a file, or it cannot
+    be written (permissions, a read-only or full disk). Checked before any model is loaded."""
+    from chartvlm.errors import ChartVLMError
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".chartvlm-write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except (FileExistsError, NotADirectoryError):
+        raise ChartVLMError(f"{option} {path} is a file, not a folder; choose another path") from None
+    except OSError as error:
+        raise ChartVLMError(f"{option} {path} cannot be written: {error.strerror}") from None
+    return path
+
+
+def make_readable(path: str | Path) -> None:
+    """Give files (and folders) under `path` the permissions a plain open() would: safetensors and mkstemp
+    create 0600 files, which another account serving or evaluating the model could not read."""
+    path = Path(path)
+    mask = _current_umask()
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if item.is_symlink():
+            continue
+        os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+
+
+def write_failure(error: BaseException, path: str | Path) -> str | None:
+    """What went wrong, in one line naming the path, when `error` (raised while writing under `path`) comes
+    from the disk or the permissions rather than from a bug; else None."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return f"{error.filename or path}: {os.strerror(error.errno)}"
+    if "No space left on device" in str(error) or "os error 28" in str(error):
+        return f"{path}: {os.strerror(errno.ENOSPC)}"
+    folder = Path(path)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    if free < NEARLY_FULL_BYTES:
+        return f"{path}: {os.strerror(errno.ENOSPC)} ({free:,} bytes free)"
+    return None
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -11,8 +13,11 @@ from chartvlm.errors import ChartVLMError
 
 logger = logging.getLogger(__name__)
 
-# Module-name pattern of the vision tower in transformers 5.x Qwen2.5-VL (model.visual.*).
+# Module-name pattern of the vision tower in transformers 5.x Qwen2.5-VL (model.visual.*), and its name.
 VISION_MODULES = r".*\bvisual\b.*"
+VISION_TOWER = "visual"
+# Written next to every trained model or adapter: which base it was trained from, by content.
+BASE_RECORD = "chartvlm_base.json"
 
 
 def default_device() -> torch.device:
@@ -38,6 +43,86 @@ def set_pixel_limits(processor, min_pixels: int, max_pixels: int) -> None:
             setattr(image_processor, name, value)
 
 
+def check_model_folder(path_or_id: str) -> None:
+    """Before anything is loaded: a local model path must exist and hold a model (a hub id is checked by
+    data.ensure_hub_reachable). A training output folder that holds no model is a run that did not finish."""
+    from chartvlm.data import is_local_source
+
+    path = Path(path_or_id).expanduser()
+    if not is_local_source(path_or_id):
+        return
+    if not path.exists():
+        raise ChartVLMError(f"{path_or_id}: no such model folder")
+    if not path.is_dir() or (path / "config.json").is_file():
+        return
+    if (path / "adapter_config.json").is_file():
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        raise ChartVLMError(f"{path_or_id} is a LoRA adapter, not a model: pass it as --adapter, with its base "
+                            f"model ({base}) as the model")
+    unfinished = "; it looks like a training output folder whose run did not finish: resume it with --resume true" \
+        if any(path.glob("checkpoint-*")) else ""
+    raise ChartVLMError(f"{path_or_id} holds no model (no config.json){unfinished}")
+
+
+def _model_type(path_or_id: str) -> str | None:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path_or_id).model_type
+    except Exception:  # noqa: BLE001 - unreadable or unreachable: loading reports it
+        return None
+
+
+def base_record(model_name_or_path: str, model_type: str) -> dict:
+    """What BASE_RECORD says about the base a run trained from: its name, architecture and content digest."""
+    from chartvlm.fingerprint import model_digest
+
+    return {"model_name_or_path": model_name_or_path, "model_type": model_type,
+            "digest": model_digest(model_name_or_path)}
+
+
+def check_adapter(adapter: str, model_path: str, force: bool = False) -> None:
+    """Before any weight is loaded: `adapter` is a LoRA adapter folder, for `model_path`'s architecture, trained
+    on `model_path` itself. An adapter trained on another base of the same shapes would load without a word
+    and give wrong answers, so a different base (by content digest where recorded, else by name) is an error
+    unless `force`."""
+    folder = Path(adapter)
+    config_file = folder / "adapter_config.json"
+    if not config_file.is_file():
+        reason = "no such folder" if not folder.exists() else "no adapter_config.json: not a LoRA adapter folder"
+        raise ChartVLMError(f"adapter {adapter}: {reason}")
+    if not any((folder / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise ChartVLMError(f"adapter {adapter}: no adapter_model.safetensors (the adapter's weights)")
+    recorded_file = folder / BASE_RECORD
+    recorded = json.loads(recorded_file.read_text()) if recorded_file.is_file() else {
+        "model_name_or_path": json.loads(config_file.read_text()).get("base_model_name_or_path")}
+    model_type = _model_type(model_path)
+    if recorded.get("model_type") and model_type and model_type != recorded["model_type"]:
+        raise ChartVLMError(f"adapter {adapter} is for a {recorded['model_type']} model, but {model_path} is a "
+                            f"{model_type} model")
+    from chartvlm.fingerprint import model_digest
+
+    digest = model_digest(model_path) if recorded.get("digest") else None
+    if digest is not None:
+        same = digest == recorded["digest"]
+    else:
+        trained_on = recorded.get("model_name_or_path")
+        same = trained_on is None or _same_name(trained_on, model_path)
+    if same:
+        return
+    message = (f"adapter {adapter} was trained on {recorded.get('model_name_or_path')}"
+               f"{' (other weights)' if digest is not None else ''}, not on {model_path}")
+    if not force:
+        raise ChartVLMError(f"{message}; give that base model, or pass --force_adapter true to apply it anyway")
+    logger.warning("%s; applying it anyway (force_adapter)", message)
+
+
+def _same_name(a: str, b: str) -> bool:
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return a.rstrip("/") == b.rstrip("/")
+
+
 def load_processor(model_name_or_path: str, min_pixels: int | None = None, max_pixels: int | None = None):
     from transformers import AutoProcessor
 
@@ -49,9 +134,14 @@ def load_processor(model_name_or_path: str, min_pixels: int | None = None, max_p
 
 def load_model(model_name_or_path: str, *, adapter: str | None = None, dtype: torch.dtype | None = None,
                device: torch.device | None = None, attn_implementation: str = "sdpa", quantize_4bit: bool = False,
-               merge_adapter: bool = False):
-    """A Qwen2.5-VL model from a hub id or folder, optionally with a LoRA adapter applied."""
+               merge_adapter: bool = False, force_adapter: bool = False):
+    """A Qwen2.5-VL model from a hub id or folder, optionally with a LoRA adapter applied (`check_adapter`
+    first: an adapter of another base is refused unless `force_adapter`)."""
     from transformers import AutoModelForImageTextToText
+
+    check_model_folder(model_name_or_path)
+    if adapter:
+        check_adapter(adapter, model_name_or_path, force_adapter)
 
     device = device or default_device()
     dtype = dtype or default_dtype(device)
@@ -80,7 +170,9 @@ def load_model(model_name_or_path: str, *, adapter: str | None = None, dtype: to
 
 def lora_config(model_args):
     """LoRA on the language model by default: `q_proj`/`v_proj` already miss the vision tower, but
-    `all-linear` and the MLP names would also match its 32 blocks."""
+    `all-linear` and the MLP names would also match its 32 blocks. With train_vision_tower the whole tower
+    trains and is saved with the adapter (`modules_to_save`): PEFT saves adapter tensors only, so a tower
+    made trainable any other way would train and then be lost."""
     from peft import LoraConfig
 
     targets = model_args.lora_target_modules
@@ -91,6 +183,7 @@ def lora_config(model_args):
         lora_dropout=model_args.lora_dropout,
         target_modules=target_modules,
         exclude_modules=None if model_args.lora_include_vision else VISION_MODULES,
+        modules_to_save=[VISION_TOWER] if model_args.train_vision_tower else None,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -102,6 +195,7 @@ def vision_parameters(model):
 
 def prepare_for_training(model, model_args):
     """Apply the tuning method; returns the model to hand to the trainer."""
+    from chartvlm.checkpoints import check_trainable_parameters_are_saved
     if model_args.tuning == "full":
         for param in model.parameters():
             param.requires_grad_(True)
@@ -114,9 +208,7 @@ def prepare_for_training(model, model_args):
         if model_args.tuning == "qlora":
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model = get_peft_model(model, lora_config(model_args))
-        if model_args.train_vision_tower:
-            for param in vision_parameters(model):
-                param.requires_grad_(True)
+        check_trainable_parameters_are_saved(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     logger.info("tuning=%s: %s of %s parameters trainable (%.2f%%)", model_args.tuning, f"{trainable:,}",

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from chartvlm.config import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 from chartvlm.errors import ChartVLMError
+from chartvlm.io import make_readable
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
@@ -626,6 +627,7 @@ def init_model(
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
+        make_readable(tmp)
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)

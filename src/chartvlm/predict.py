@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 from chartvlm.errors import ChartVLMError
+from chartvlm.io import make_readable
 
 logger = logging.getLogger(__name__)
 
@@ -20,14 +21,14 @@ def _run_settings(folder: str | None) -> dict:
 
 
 def predict(model_path: str, images: list[str], questions: list[str], adapter: str | None = None,
-            max_new_tokens: int | None = None, batch_size: int = 8) -> list[str]:
+            max_new_tokens: int | None = None, batch_size: int = 8, force_adapter: bool = False) -> list[str]:
     """Answers for (image file, question) pairs, batched, with the training prompt and pixel limits."""
-    from PIL import Image, UnidentifiedImageError
-
     from chartvlm.config import DataArguments, EvalArguments, ModelArguments
+    from chartvlm.errors import BadSampleError
     from chartvlm.generate import generate_answers
+    from chartvlm.images import open_image
     from chartvlm.modeling import load_model, load_processor
-    from chartvlm.prompts import build_messages
+    from chartvlm.prompts import build_messages, check_user_text, control_tokens
 
     # The run that produced the adapter/model recorded its prompt and pixels; reuse them.
     saved = _run_settings(adapter) or _run_settings(model_path)
@@ -40,16 +41,20 @@ def predict(model_path: str, images: list[str], questions: list[str], adapter: s
     conversations = []
     for path, question in zip(images, questions):
         try:
-            image = Image.open(path)
-            image.load()
-        except FileNotFoundError:
-            raise ChartVLMError(f"{path}: image file not found") from None
-        except (UnidentifiedImageError, OSError) as exc:
-            raise ChartVLMError(f"{path}: not a readable image ({exc})") from None
+            image = open_image(path, str(path))  # the decoding every other stage uses (EXIF orientation too)
+        except BadSampleError as error:
+            raise ChartVLMError(str(error)) from None
         conversations.append(build_messages(image, question, system_message=system))
 
     processor = load_processor(adapter or model_path, min_pixels, max_pixels)
-    model = load_model(model_path, adapter=adapter)
+    controls = control_tokens(processor.tokenizer)
+    for where, (path, question) in enumerate(zip(images, questions), start=1):
+        try:
+            check_user_text(question, "question", f"--question {where} ({path})", controls)
+            check_user_text(system, "system message", "the trained system_message", controls)
+        except BadSampleError as error:
+            raise ChartVLMError(str(error)) from None
+    model = load_model(model_path, adapter=adapter, force_adapter=force_adapter)
     model.eval()
     answers = []
     for start in range(0, len(conversations), batch_size):
@@ -57,7 +62,7 @@ def predict(model_path: str, images: list[str], questions: list[str], adapter: s
     return answers
 
 
-def export_merged(adapter: str, out: str, base_model: str | None = None) -> Path:
+def export_merged(adapter: str, out: str, base_model: str | None = None, force_adapter: bool = False) -> Path:
     """Merge a LoRA adapter into its base and write a standalone model + processor folder.
 
     The folder loads with AutoModelForImageTextToText / AutoProcessor and can be served by engines
@@ -65,7 +70,7 @@ def export_merged(adapter: str, out: str, base_model: str | None = None) -> Path
     """
     import torch
 
-    from chartvlm.modeling import load_model, load_processor
+    from chartvlm.modeling import BASE_RECORD, load_model, load_processor
 
     adapter_dir = Path(adapter)
     config_file = adapter_dir / "adapter_config.json"
@@ -78,17 +83,18 @@ def export_merged(adapter: str, out: str, base_model: str | None = None) -> Path
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ChartVLMError(f"{out_dir} exists and is not empty; choose a new folder")
 
-    model = load_model(base, adapter=str(adapter_dir), merge_adapter=True, dtype=torch.float32,
-                       device=torch.device("cpu"))
+    model = load_model(base, adapter=str(adapter_dir), merge_adapter=True, force_adapter=force_adapter,
+                       dtype=torch.float32, device=torch.device("cpu"))
     processor = load_processor(str(adapter_dir))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        run_config = adapter_dir / "chartvlm_config.yaml"
-        if run_config.exists():
-            shutil.copy(run_config, tmp / run_config.name)
+        for name in ("chartvlm_config.yaml", BASE_RECORD):  # what it was trained with, and from
+            if (adapter_dir / name).exists():
+                shutil.copy(adapter_dir / name, tmp / name)
+        make_readable(tmp)
         if out_dir.exists():
             out_dir.rmdir()
         tmp.rename(out_dir)

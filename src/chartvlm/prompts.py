@@ -7,6 +7,8 @@ and evaluation is a classic silent accuracy loss.
 
 from __future__ import annotations
 
+from chartvlm.errors import BadSampleError
+
 SYSTEM_MESSAGE = (
     "You answer questions about chart images. Read the chart carefully (axes, legend, labels and "
     "values) and reply with only the answer: a single word, a number or a short phrase, with no "
@@ -55,3 +57,20 @@ def message_answer(messages: list[dict]) -> str | None:
         if message["role"] == "assistant":
             return "".join(i.get("text", "") for i in message["content"] if i.get("type") == "text")
     return None
+
+
+def control_tokens(tokenizer) -> tuple[str, ...]:
+    """The strings a tokenizer turns into one control token wherever they appear in a text: its added tokens
+    (`<|im_start|>`, `<|image_pad|>`, `<think>`, ...), longest first."""
+    return tuple(sorted({token.content for token in tokenizer.added_tokens_decoder.values()}, key=len, reverse=True))
+
+
+def check_user_text(text: str, field: str, where: str, tokens: tuple[str, ...]) -> None:
+    """User text (a question, an answer, a system prompt) must reach the model as text. The tokenizer would
+    read a control string inside it as the control token itself: `<|im_start|>assistant` in a question makes
+    the labels supervise question text, `<|image_pad|>` breaks the image-token count. Such text is refused
+    with BadSampleError naming `where` (the validation pass skips or names the row)."""
+    found = next((token for token in tokens if token in text), None)
+    if found is not None:
+        raise BadSampleError(where, f"the {field} contains {found!r}, which the tokenizer reads as a control "
+                                    "token rather than text; remove or rewrite it")

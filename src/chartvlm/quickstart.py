@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ SEED = 0
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="chartvlm quickstart", description=__doc__)
+    parser = argparse.ArgumentParser(prog="chartvlm quickstart", description=__doc__, allow_abbrev=False)
     parser.add_argument("--config", default="configs/quickstart.yaml", help="Run configuration (YAML).")
     parser.add_argument("--charts", type=int, default=N_CHARTS, help="Synthetic charts to render.")
     parser.add_argument("--preset", default=PRESET, help="Model preset for `chartvlm model init`.")
@@ -58,6 +59,9 @@ def run(config_path: str, overrides: list[str], n_charts: int = N_CHARTS, preset
     trained = train_main(config)
 
     logger.info("step 5/5: chartvlm eval --config %s --model_name_or_path %s", config_path, trained)
+    # Each quick start trains anew: answers of an earlier run's model are not this one's (their fingerprint
+    # would refuse a resume), so its folder starts empty.
+    shutil.rmtree(eval_dir / "model", ignore_errors=True)
     after = evaluate_one(config, str(trained), None, eval_dir / "model", test_data)
 
     table = compare_table(before, after, "before (random init)", "after fine-tuning")

@@ -67,7 +67,8 @@ def load_split(config: RunConfig, split: str, skipped=None):
     from chartvlm.data import load_chartqa
 
     return load_chartqa(config.data.dataset, split=split, subset=config.data.subset, seed=config.data.subset_seed,
-                        on_bad_sample=skipped if skipped is not None else config.data.on_bad_sample or "error")
+                        on_bad_sample=skipped if skipped is not None else config.data.on_bad_sample or "error",
+                        allow_outside_images=config.data.allow_outside_images)
 
 
 def sequence_length(processor, system_message: str):
@@ -106,10 +107,12 @@ def prepare_split(dataset, processor, config: RunConfig, skipped, split: str, dr
     duplicates dropped from the training split, and sequence lengths from the same read of each image
     header; then samples longer than max_length are dropped (listed in skipped.jsonl too)."""
     from chartvlm.data import validate_rows
+    from chartvlm.prompts import control_tokens
 
     name = f"{config.data.dataset} ({split})"
     measure = sequence_length(processor, config.data.system_message)
-    dataset, lengths = validate_rows(dataset, skipped, name, measure=measure, drop_duplicates=drop_duplicates)
+    dataset, lengths = validate_rows(dataset, skipped, name, measure=measure, drop_duplicates=drop_duplicates,
+                                     control_tokens=control_tokens(processor.tokenizer))
     return drop_overlong(dataset, lengths, config.train.max_length, name, skipped)
 
 
@@ -219,17 +222,22 @@ def log_sample_generation(model, processor, dataset, config: RunConfig, when: st
     logger.info("sample %s training: Q=%r -> %r (label %r)", when, dataset[0]["query"], answer, truth)
 
 
-def save_outputs(trainer, model, processor, config: RunConfig) -> Path:
-    """Adapter (or full model), processor, resolved config, trainer state and the loss curve."""
+def save_outputs(trainer, processor, config: RunConfig, base: dict) -> Path:
+    """The final adapter (or full model) with its processor, resolved config, base record and loss curve,
+    staged and moved into output_dir together (checkpoints.AtomicSFTTrainer), then the trainer state."""
+    from chartvlm.io import atomic_write_json
+    from chartvlm.modeling import BASE_RECORD
     from chartvlm.report import plot_loss_curve
 
+    def extras(folder: Path) -> None:
+        config.save(folder)
+        atomic_write_json(folder / BASE_RECORD, base)
+        plot_loss_curve(trainer.state.log_history, folder / "loss_curve.png")
+
     out = Path(config.train.output_dir)
+    trainer.final_extras = extras
     trainer.save_model(str(out))  # on every rank: FSDP/ZeRO-3 gather the weights; rank 0 writes
     trainer.save_state()
-    if trainer.is_world_process_zero():
-        processor.save_pretrained(str(out))
-        config.save(out)
-        plot_loss_curve(trainer.state.log_history, out / "loss_curve.png")
     return out
 
 
@@ -238,45 +246,57 @@ def main(config: RunConfig | None = None) -> Path:
     import torch
     from transformers import set_seed
 
+    from chartvlm.checkpoints import AtomicSFTTrainer, discard_unfinished_saves, last_complete_checkpoint
     from chartvlm.collate import make_collator
     from chartvlm.data import SkippedRows
     from chartvlm.distributed import check_final_save, is_main_process
-    from chartvlm.interrupt import (AtomicSFTTrainer, InterruptCallback, TrainingInterrupted,
-                                    discard_unfinished_saves, last_complete_checkpoint)
-    from chartvlm.modeling import load_model, load_processor, prepare_for_training
+    from chartvlm.errors import BadSampleError
+    from chartvlm.interrupt import InterruptCallback, TrainingInterrupted
+    from chartvlm.io import ensure_writable_dir
+    from chartvlm.modeling import base_record, check_model_folder, load_model, load_processor, prepare_for_training
+    from chartvlm.prompts import check_user_text, control_tokens
 
     if config is None:
         from chartvlm.config import parse_config
 
         config = parse_config([])
     check_config(config)
+    check_model_folder(config.model.model_name_or_path)
     ensure_sources_reachable(config)
     resolve_optimizer(config.train)
     set_seed(config.train.seed)
     out = Path(config.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(out, "output_dir")
     main_process = is_main_process()  # rank 0 of a torchrun/accelerate launch writes what the Trainer does not
     if main_process:
         config.save(out)
 
     processor = load_processor(config.model.model_name_or_path, config.model.min_pixels, config.model.max_pixels)
-    skipped = SkippedRows(config.data.on_bad_sample or "skip")
-    train_data = load_split(config, config.data.train_split, skipped)
-    eval_data = load_split(config, config.data.eval_split, skipped) if config.train.eval_strategy != "no" else None
+    controls = control_tokens(processor.tokenizer)
     system = config.data.system_message
-    # Training drops exact duplicates (they would only reweight those questions); the eval-loss split keeps them.
-    train_data, lengths = prepare_split(train_data, processor, config, skipped, config.data.train_split, True)
-    train_data = with_lengths(train_data, lengths, config.train.length_column_name)
-    if eval_data is not None:
-        eval_data, lengths = prepare_split(eval_data, processor, config, skipped, config.data.eval_split, False)
-        eval_data = with_lengths(eval_data, lengths, config.train.length_column_name)
-    if main_process:
-        skipped.write(out)
+    try:
+        check_user_text(system, "system message", "system_message", controls)
+    except BadSampleError as error:
+        raise ChartVLMError(str(error)) from None
+    skipped = SkippedRows(config.data.on_bad_sample or "skip")
+    try:
+        train_data = load_split(config, config.data.train_split, skipped)
+        eval_data = load_split(config, config.data.eval_split, skipped) if config.train.eval_strategy != "no" else None
+        # Training drops exact duplicates (they would only reweight those questions); the eval-loss split keeps them.
+        train_data, lengths = prepare_split(train_data, processor, config, skipped, config.data.train_split, True)
+        train_data = with_lengths(train_data, lengths, config.train.length_column_name)
+        if eval_data is not None:
+            eval_data, lengths = prepare_split(eval_data, processor, config, skipped, config.data.eval_split, False)
+            eval_data = with_lengths(eval_data, lengths, config.train.length_column_name)
+    finally:  # also when every row was bad: the message points to this file
+        if main_process:
+            skipped.write(out)
     logger.info("training on %d samples, eval loss on %d", len(train_data), len(eval_data or []))
 
     model = load_model(config.model.model_name_or_path, attn_implementation=config.model.attn_implementation,
                        quantize_4bit=config.model.tuning == "qlora",
                        dtype=torch.bfloat16 if config.train.bf16 else torch.float32)
+    base = base_record(config.model.model_name_or_path, model.config.model_type) if main_process else {}
     if main_process:
         log_sample_generation(model, processor, train_data, config, "before")
     model = prepare_for_training(model, config.model)
@@ -315,6 +335,6 @@ def main(config: RunConfig | None = None) -> Path:
         trainer.save_metrics("eval", metrics)
         if "eval_loss" in metrics and not math.isfinite(metrics["eval_loss"]):
             logger.warning("eval loss is not finite: %s", metrics["eval_loss"])
-    saved = save_outputs(trainer, model, processor, config)
+    saved = save_outputs(trainer, processor, config, base)
     logger.info("saved %s to %s", "adapter" if config.model.tuning != "full" else "model", saved)
     return saved
