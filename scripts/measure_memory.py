@@ -121,7 +121,8 @@ def child(stage: str, model: str, data: str, out: str, train_steps: int) -> dict
     _reset_peak()
     sampler = _Sampler()
     if stage == "load":
-        from chartvlm.data import SkippedRows, load_chartqa, validate_rows
+        from chartvlm.data import load_chartqa
+        from chartvlm.validate import SkippedRows, validate_rows
 
         skipped = SkippedRows("error")
         dataset = load_chartqa(data, split="test", on_bad_sample=skipped)

@@ -6,6 +6,7 @@ by mistake would fail instead of hanging.
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 
@@ -62,22 +63,47 @@ def tiny():
     return model, processor
 
 
-@pytest.fixture(scope="session")
-def scrambled(tiny):
-    """A tiny model whose weights are large enough that greedy outputs vary with the input
-    (the plain random init repeats one token, which would make generation tests vacuous)."""
-    import copy
-
+def scramble(model, seed: int = 0):
+    """Weights ~ N(0, 0.15): greedy outputs then vary with the input (the plain random init repeats one token,
+    which would make generation tests vacuous)."""
     import torch
 
-    model, processor = tiny
-    model = copy.deepcopy(model)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():
             if param.dim() >= 2:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.15)
-    return model.eval(), processor
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def scrambled(tiny):
+    import copy
+
+    model, processor = tiny
+    return scramble(copy.deepcopy(model)), processor
+
+
+# Every family's tiny preset with our tokenizer, and the families whose real vocabulary is available offline
+# (PyPI dashscope's qwen.tiktoken) with it: the matrix behaviour tests run over.
+FAMILY_KINDS = [(family, "ours") for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5",
+                                                "qwen3_5_moe")]
+TOKENIZER_KINDS = [("qwen2_5_vl", "ours"), ("qwen2_5_vl", "qwen")]
+ALL_KINDS = FAMILY_KINDS + [(family, "qwen") for family in ("qwen2_vl", "qwen3_vl")] + [TOKENIZER_KINDS[1]]
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_of(family: str, tokenizer: str = "ours", scrambled: bool = False):
+    """(model, processor) of a family's tiny preset, built once per session. Do not modify the model."""
+    from chartvlm.modelinit import TINY_PRESETS, build_model_and_processor
+
+    model, processor = build_model_and_processor(TINY_PRESETS[family], seed=0, min_pixels=TEST_MIN_PIXELS,
+                                                 max_pixels=TEST_MAX_PIXELS, tokenizer=tokenizer)
+    return (scramble(model) if scrambled else model.eval()), processor
+
+
+def kind_id(kind) -> str:
+    return f"{kind[0]}-{kind[1]}"
 
 
 @pytest.fixture(scope="session")

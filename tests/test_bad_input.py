@@ -20,7 +20,8 @@ from PIL import Image
 
 from chartvlm.collate import IGNORE_INDEX, collate_fn
 from chartvlm.config import parse_config
-from chartvlm.data import SKIPPED_FILENAME, SkippedRows, load_chartqa, validate_rows
+from chartvlm.data import load_chartqa
+from chartvlm.validate import SKIPPED_FILENAME, SkippedRows, validate_rows
 from chartvlm.errors import BadSampleError, ChartVLMError
 from chartvlm.images import check_image, model_image
 from chartvlm.io import read_jsonl
@@ -175,7 +176,7 @@ def test_each_bad_jsonl_line_raises_naming_file_and_line_by_default(images, tmp_
 
 def test_skip_policy_counts_logs_and_lists_every_bad_line(messy, tmp_path, caplog):
     skipped = SkippedRows("skip")
-    with caplog.at_level(logging.WARNING, logger="chartvlm.data"):
+    with caplog.at_level(logging.WARNING, logger="chartvlm"):
         dataset = load_chartqa(str(messy), cache_dir=str(tmp_path / "cache"), on_bad_sample=skipped)
     bad = _lines("load")
     assert [(r["where"], r["row_id"], r["kind"]) for r in skipped.records] == \
@@ -312,7 +313,7 @@ def test_validation_skips_bad_images_and_drops_duplicates_only_when_asked(messy,
 
 def test_skipped_jsonl_is_written_atomically_with_every_record(tmp_path, caplog):
     skipped = SkippedRows("skip", log_first=2)
-    with caplog.at_level(logging.WARNING, logger="chartvlm.data"):
+    with caplog.at_level(logging.WARNING, logger="chartvlm"):
         for i in range(7):
             skipped.bad(BadSampleError(f"f.jsonl:{i + 1}", f"reason {i}"), f"train-{i}")
         path = skipped.write(tmp_path / "run")
@@ -468,17 +469,17 @@ def test_evaluation_with_skip_scores_the_rest_and_records_what_it_left_out(tiny_
 
     config = parse_config(run_args(tiny_model_dir, messy, tmp_path, "--test_split", "test", "--on_bad_sample", "skip",
                                    "--eval_max_new_tokens", "2", "--eval_batch_size", "8", "--report", "false"))
-    metrics = run_eval(config, progress=False)["model"]
+    result = run_eval(config, progress=False)["model"]
     out = tmp_path / "eval"
     left_out = _lines("load") + _lines("image")
     assert [r["row_id"] for r in read_jsonl(out / SKIPPED_FILENAME)] == [f"test-{n - 1}" for n in left_out]
     # Duplicates are never dropped from an evaluation: reported, and each one is scored.
     scored = sorted(_lines("ok") + _lines("dup"))
     assert [row["id"] for row in read_jsonl(out / "predictions.jsonl")] == [f"test-{n - 1}" for n in scored]
-    assert metrics["overall"]["total"] == len(scored)
-    settings = metrics["settings"]
-    assert (settings["on_bad_sample"], settings["skipped_questions"], settings["duplicated_questions"]) == \
-        ("skip", len(left_out), 1)
+    assert result.overall["total"] == len(scored)
+    questions = result.questions
+    assert (questions["on_bad_sample"], questions["skipped"], questions["duplicated"]) == ("skip", len(left_out), 1)
+    assert questions["in_split"] == len(scored) + len(left_out) and questions["evaluated"] == len(scored)
 
 
 def test_cli_reports_a_bad_row_without_a_stack_trace(tiny_model_dir, messy, tmp_path):
@@ -536,9 +537,9 @@ def test_finishing_an_evaluation_streams_the_predictions(tmp_path):
     grows by well under 1 KB per question (the rows themselves take ~1.5 KB each as Python objects)."""
     import random
 
-    from chartvlm.evaluate import EvalSettings, _put_in_dataset_order, write_metrics
+    from chartvlm.evaluate import EvalSettings, _put_in_dataset_order, write_result
 
-    settings = EvalSettings(model="m", adapter=None, dataset="d", split="test", subset=None, subset_seed=0)
+    settings = EvalSettings(model="m", adapter=None, dataset="d", split="test", subset_seed=0)
 
     def peak(n):
         out = tmp_path / str(n)
@@ -552,11 +553,11 @@ def test_finishing_an_evaluation_streams_the_predictions(tmp_path):
         del rows
         tracemalloc.start()
         _put_in_dataset_order(out / "predictions.jsonl")
-        metrics = write_metrics(out, settings, questions_timed=n, seconds=1.0)
+        metrics = write_result(out, settings, questions_timed=n, seconds=1.0)
         _, top = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         assert [r["index"] for r in read_jsonl(out / "predictions.jsonl")] == list(range(n))
-        assert metrics["overall"]["correct"] == sum(1 for i in range(n) if i % 3)
+        assert metrics.overall["correct"] == sum(1 for i in range(n) if i % 3)
         return top
 
     small, large = peak(1000), peak(10000)

@@ -73,6 +73,9 @@ def test_every_processor_key_is_kept(tiny):
 
 
 def test_no_literal_special_token_ids_in_the_package():
+    """Every stage asks the tokenizer for ids; only the family table knows the released ones (to build
+    tokenizers with them and to check them)."""
     source = Path(__file__).parents[1] / "src" / "chartvlm"
-    offenders = [p.name for p in source.glob("*.py") if re.search(r"\b1516[4-6]\d\b", p.read_text())]
+    offenders = [p.name for p in source.glob("*.py")
+                 if p.name != "families.py" and re.search(r"\b(1516[4-6]\d|2480[4-5]\d)\b", p.read_text())]
     assert offenders == []

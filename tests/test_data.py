@@ -12,8 +12,10 @@ import pytest
 datasets = pytest.importorskip("datasets")
 from PIL import Image  # noqa: E402
 
-from chartvlm import data  # noqa: E402
-from chartvlm.data import ensure_hub_reachable, is_local_source, load_chartqa  # noqa: E402
+import chartvlm.data  # noqa: E402
+from chartvlm import schema  # noqa: E402
+from chartvlm.data import load_chartqa  # noqa: E402
+from chartvlm.hub import ensure_hub_reachable, is_local_source  # noqa: E402
 from chartvlm.errors import BadSampleError, ChartVLMError  # noqa: E402
 from chartvlm.images import to_rgb  # noqa: E402
 
@@ -173,7 +175,7 @@ def test_jsonl_edit_is_not_served_from_a_stale_cache(tmp_path, cache):
 @pytest.mark.parametrize("value, text", [(12.0, "12"), (12, "12"), (6.80, "6.8"), (-0.5, "-0.5"), (1e-07, "0.0000001"),
                                          (1e20, "100000000000000000000"), (True, "Yes"), (False, "No")])
 def test_numeric_answers_are_printed_chartqa_style(value, text):
-    assert data._format_answer_number(value, "x") == text
+    assert schema.format_answer_number(value, "x") == text
 
 
 def test_lmms_lab_schema_is_normalised(sources, tmp_path):
@@ -221,7 +223,7 @@ def test_hub_source_is_loaded_with_the_split_and_normalised(sources, monkeypatch
         calls.append(("load", source, split))
         return hub_like
 
-    monkeypatch.setattr(data, "ensure_hub_reachable", probe)
+    monkeypatch.setattr(chartvlm.data, "ensure_hub_reachable", probe)
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     dataset = load_chartqa("lmms-lab/ChartQA", split="test")
     assert calls == [("probe", "lmms-lab/ChartQA", "dataset"), ("load", "lmms-lab/ChartQA", "test")]

@@ -11,10 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from chartvlm import distributed
+from chartvlm import distributed, evaluate
 from chartvlm.config import parse_config
 from chartvlm.errors import ChartVLMError
 from chartvlm.evaluate import EvalSettings, run_eval, run_predictions
+from chartvlm.results import EvalResult
 from chartvlm.io import read_jsonl
 from conftest import chart_rows, run_args
 
@@ -67,10 +68,6 @@ def torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            *args], capture_output=True, text=True, env=env, timeout=timeout)
-
-
-def without_throughput(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if k != "throughput"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,7 +133,7 @@ def scrambled_eval_setup(scrambled, tmp_path_factory):
     model.save_pretrained(root / "model")
     processor.save_pretrained(root / "model")
     rows = chart_rows(7)
-    answers = generate_answers(model, processor, [format_data(row) for row in rows], max_new_tokens=4)
+    answers = generate_answers(model, processor, [format_data(row) for row in rows], max_new_tokens=2)
     assert len(set(answers)) > 1, "answers must vary, or equal predictions prove nothing"
     for i in range(0, 7, 2):
         rows[i]["label"] = [answers[i]]
@@ -148,7 +145,7 @@ def scrambled_eval_setup(scrambled, tmp_path_factory):
 
 def eval_args(model_dir, data_dir, out) -> list[str]:
     return run_args(model_dir, data_dir, out, "--test_split", "test", "--eval_batch_size", "2",
-                    "--eval_max_new_tokens", "4", "--eval_output_dir", str(out))
+                    "--eval_max_new_tokens", "2", "--eval_output_dir", str(out))
 
 
 def test_sharded_eval_on_two_processes_equals_a_single_process_run(scrambled_eval_setup, tmp_path):
@@ -161,7 +158,7 @@ def test_sharded_eval_on_two_processes_equals_a_single_process_run(scrambled_eva
     finally:
         torch.set_num_threads(threads)
     expected = sorted(read_jsonl(single_dir / "predictions.jsonl"), key=lambda row: row["index"])
-    assert 0 < single["overall"]["correct"] < single["overall"]["total"] == 7
+    assert 0 < single.overall["correct"] < single.overall["total"] == 7
 
     # An earlier run that stopped after 3 questions: the ranks take them over instead of redoing them.
     sharded_dir.mkdir()
@@ -172,10 +169,11 @@ def test_sharded_eval_on_two_processes_equals_a_single_process_run(scrambled_eva
     result = torchrun("-m", "chartvlm.cli", "eval", *eval_args(model_dir, data_dir, sharded_dir))
     assert result.returncode == 0, result.stderr[-4000:]
     assert read_jsonl(sharded_dir / "predictions.jsonl") == expected  # same rows, index order
-    metrics = json.loads((sharded_dir / "metrics.json").read_text())
-    assert without_throughput(metrics) == without_throughput(json.loads(json.dumps(single)))
-    assert metrics["throughput"]["questions"] == 4
-    assert not (sharded_dir / distributed.SHARDS_DIRNAME).exists()
+    sharded = EvalResult.load(sharded_dir)
+    assert sharded.throughput["questions"] == 4
+    sharded.throughput = single.throughput = None
+    assert sharded == single
+    assert not (sharded_dir / evaluate.SHARDS_DIRNAME).exists()
     assert (sharded_dir / "report.html").exists()
     assert result.stdout.count("model: overall") == 1 and result.stdout.count("report: ") == 1
 
@@ -185,7 +183,7 @@ def test_shards_partition_the_questions_and_merge_back_in_index_order(scrambled,
 
     model, processor = scrambled
     dataset = load_chartqa(str(chart_dataset_dir), split="train")  # 10 questions
-    settings = EvalSettings(model="m", adapter=None, dataset="d", split="train", subset=None, subset_seed=0,
+    settings = EvalSettings(model="m", adapter=None, dataset="d", split="train", subset_seed=0,
                             max_new_tokens=3, batch_size=2)
     full = run_predictions(model, processor, dataset, tmp_path / "full", settings, progress=False)
     shards = []
@@ -194,13 +192,13 @@ def test_shards_partition_the_questions_and_merge_back_in_index_order(scrambled,
         shards.append(read_jsonl(tmp_path / f"s{rank}" / "predictions.jsonl"))
     assert [[row["index"] for row in rows] for rows in shards] == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
     rows = read_jsonl(tmp_path / "full" / "predictions.jsonl")
-    merged = distributed.merge_shards(shards[::-1] + [shards[0][:2]], 10, tmp_path)  # any order, duplicates
+    merged = evaluate.merge_shards(shards[::-1] + [shards[0][:2]], 10, tmp_path)  # any order, duplicates
     assert merged == sorted(rows, key=lambda row: row["index"])
-    assert full["overall"]["total"] == 10
+    assert full.overall["total"] == 10
     with pytest.raises(ChartVLMError, match="3 of 10 questions missing"):
-        distributed.merge_shards(shards[:2], 10, tmp_path)
+        evaluate.merge_shards(shards[:2], 10, tmp_path)
     with pytest.raises(ChartVLMError, match=r"indices \[9\] beyond 9"):
-        distributed.merge_shards(shards, 9, tmp_path)
+        evaluate.merge_shards(shards, 9, tmp_path)
 
 
 def test_a_shard_resumes_from_an_earlier_merged_file(tmp_path):
@@ -208,7 +206,7 @@ def test_a_shard_resumes_from_an_earlier_merged_file(tmp_path):
     merged.write_text("".join(json.dumps({"index": i}) + "\n" for i in range(5)))
     shard.parent.mkdir(parents=True)
     shard.write_text(json.dumps({"index": 3}) + "\n")
-    distributed._seed_shard(merged, shard, 1, 2)
+    evaluate._seed_shard(merged, shard, 1, 2)
     assert [row["index"] for row in read_jsonl(shard)] == [3, 1]
 
 

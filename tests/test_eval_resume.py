@@ -1,6 +1,6 @@
 """A `chartvlm eval` killed midway resumes from its predictions.jsonl: every question once, same metrics."""
 
-import json
+import dataclasses
 import signal
 import subprocess
 import sys
@@ -11,6 +11,7 @@ import pytest
 from chartvlm.config import parse_config
 from chartvlm.evaluate import run_eval
 from chartvlm.io import read_jsonl
+from chartvlm.results import EvalResult
 from conftest import chart_rows, run_args
 
 QUESTIONS = 24
@@ -44,8 +45,8 @@ def eval_args(model_dir, data_dir, out, batch_size):
                     "--eval_max_new_tokens", "4", "--report", "false")
 
 
-def without_throughput(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if k != "throughput"}
+def without_throughput(result):
+    return dataclasses.replace(result, throughput=None)
 
 
 def test_killed_eval_resumes_to_the_uninterrupted_result(scrambled_model_dir, questions_dir, tmp_path):
@@ -79,9 +80,7 @@ def test_killed_eval_resumes_to_the_uninterrupted_result(scrambled_model_dir, qu
     assert len({row["id"] for row in rows}) == QUESTIONS
     by_index = {row["index"]: row for row in rows}
     assert all(by_index[row["index"]] == row for row in answered), "answers from before the kill are kept"
-    assert resumed["throughput"]["questions"] == QUESTIONS - len(answered)
+    assert resumed.throughput["questions"] == QUESTIONS - len(answered)
     assert rows == read_jsonl(tmp_path / "full" / "eval" / "predictions.jsonl")
-    assert without_throughput(json.loads((out / "metrics.json").read_text())) == \
-        without_throughput(json.loads((tmp_path / "full" / "eval" / "metrics.json").read_text())) == \
-        without_throughput(json.loads(json.dumps(full)))
-    assert without_throughput(resumed) == without_throughput(full)
+    assert without_throughput(EvalResult.load(out)) == without_throughput(EvalResult.load(tmp_path / "full" / "eval")) \
+        == without_throughput(full) == without_throughput(resumed)

@@ -13,7 +13,7 @@ from chartvlm.errors import ChartVLMError
 from chartvlm.evaluate import EvalSettings, run_eval, run_predictions
 from chartvlm.io import read_jsonl
 from chartvlm.metrics import relaxed_accuracy
-from conftest import chart_rows, run_args
+from conftest import TEST_MAX_PIXELS, TEST_MIN_PIXELS, chart_rows, run_args
 
 
 def eval_config(model_dir, data_dir, out, *extra):
@@ -22,25 +22,33 @@ def eval_config(model_dir, data_dir, out, *extra):
 
 
 def test_eval_writes_one_scored_row_per_question(tiny_model_dir, chart_dataset_dir, tmp_path):
+    from chartvlm.results import EvalResult
+
     config = eval_config(tiny_model_dir, chart_dataset_dir, tmp_path, "--report", "false")
-    result = run_eval(config, progress=False)
+    result = run_eval(config, progress=False)["model"]
     out = tmp_path / "eval"
     rows = read_jsonl(out / "predictions.jsonl")
     assert [r["index"] for r in rows] == [0, 1, 2]
     for row in rows:
         assert set(row) >= {"id", "question", "labels", "prediction", "correct", "split", "question_type"}
         assert row["correct"] == bool(relaxed_accuracy(row["prediction"], row["labels"]))
+    assert EvalResult.load(out) == result
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics == json.loads(json.dumps(result["model"]))
-    assert metrics["overall"]["total"] == 3
+    assert metrics["schema"] == "chartvlm.eval/1" and metrics["overall"]["total"] == 3
+    assert metrics["model"] == str(tiny_model_dir) and metrics["split"] == "test"
+    assert metrics["questions"] == {"evaluated": 3, "in_split": 3, "test_subset": None, "subset_seed": 42,
+                                    "skipped": 0, "duplicated": 0, "on_bad_sample": "error"}
     assert set(metrics["by_split"]) == {"human", "augmented"}
-    settings = metrics["settings"]
-    assert settings["max_new_tokens"] == 4 and settings["metric"] == "relaxed"
-    assert settings["system_message"] == config.data.system_message
+    assert metrics["metric"] == "relaxed" and metrics["prompt_style"] == "chartvlm"
+    assert metrics["system_message"] == config.data.system_message
     assert metrics["prompt"].endswith("{question}<|im_end|>\n<|im_start|>assistant\n")
     assert config.data.system_message in metrics["prompt"]
-    assert metrics["generation"]["max_new_tokens"] == 4 and metrics["generation"]["do_sample"] is False
-    assert metrics["generation"]["padding_side"] == "left"
+    assert metrics["pixels"] == {"min": TEST_MIN_PIXELS, "max": TEST_MAX_PIXELS, "pre_resize": None}
+    generation = metrics["generation"]
+    assert generation["max_new_tokens"] == 4 and generation["do_sample"] is False and generation["num_beams"] == 1
+    assert generation["repetition_penalty"] == 1.0 and generation["mode"] == "chartvlm"
+    assert generation["padding_side"] == "left"
+    assert all(metrics["fingerprint"].get(k) for k in ("model", "questions"))
     assert metrics["throughput"]["questions_per_second"] > 0
 
 
@@ -49,8 +57,7 @@ def test_resume_refuses_a_different_run(tiny, chart_dataset_dir, tmp_path):
 
     model, processor = tiny
     dataset = load_chartqa(str(chart_dataset_dir), split="test")
-    settings = EvalSettings(model="m", adapter=None, dataset="d", split="test", subset=None, subset_seed=0,
-                            max_new_tokens=2, batch_size=2)
+    settings = EvalSettings(model="m", adapter=None, dataset="d", split="test", max_new_tokens=2, batch_size=2)
     run_predictions(model, processor, dataset, tmp_path, settings, progress=False)
     settings.max_new_tokens = 3
     with pytest.raises(ChartVLMError, match="different run.*max_new_tokens"):
@@ -62,16 +69,15 @@ def test_torn_last_line_is_redone_not_duplicated(tiny, chart_dataset_dir, tmp_pa
 
     model, processor = tiny
     dataset = load_chartqa(str(chart_dataset_dir), split="test")
-    settings = EvalSettings(model="m", adapter=None, dataset="d", split="test", subset=None, subset_seed=0,
-                            max_new_tokens=2, batch_size=2)
+    settings = EvalSettings(model="m", adapter=None, dataset="d", split="test", max_new_tokens=2, batch_size=2)
     full = run_predictions(model, processor, dataset, tmp_path / "a", settings, progress=False)
     predictions = tmp_path / "a" / "predictions.jsonl"
     lines = predictions.read_text().splitlines(keepends=True)
     predictions.write_text(lines[0] + lines[1][:10])  # a writer killed mid-line
     resumed = run_predictions(model, processor, dataset, tmp_path / "a", settings, progress=False)
     assert [r["index"] for r in read_jsonl(predictions)] == [0, 1, 2]
-    assert {k: v for k, v in resumed.items() if k != "throughput"} == \
-        {k: v for k, v in full.items() if k != "throughput"}
+    resumed.throughput = full.throughput = None
+    assert resumed == full
 
 
 def test_compare_and_report(tiny_model_dir, chart_dataset_dir, tmp_path):
@@ -112,7 +118,8 @@ def test_predict_batches_pairs_with_the_training_prompt(tiny_model_dir, tmp_path
         paths.append(str(tmp_path / f"c{i}.png"))
         row["image"].save(paths[-1])
     answers = predict(str(tiny_model_dir), paths, [r["query"] for r in rows], max_new_tokens=4, batch_size=2)
-    model, processor = load_model(str(tiny_model_dir)), load_processor(str(tiny_model_dir))
+    model = load_model(str(tiny_model_dir))
+    processor = load_processor(str(tiny_model_dir), TEST_MIN_PIXELS, TEST_MAX_PIXELS)
     from PIL import Image
 
     expected = generate_answers(model, processor, [build_messages(Image.open(p), r["query"])

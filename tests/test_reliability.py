@@ -430,7 +430,7 @@ def test_release_json_rows_are_named_by_file_and_index(tmp_path):
     (split / "png" / "b.png").write_bytes(b"not a png")
     (split / "test_human.json").write_text(json.dumps([{"imgname": "a.png", "query": "Q", "label": "1"},
                                                        {"imgname": "b.png", "query": "Q", "label": "2"}]))
-    from chartvlm.data import SkippedRows, validate_rows
+    from chartvlm.validate import SkippedRows, validate_rows
 
     dataset = load_chartqa(str(tmp_path), split="test", cache_dir=str(tmp_path / "cache"))
     with pytest.raises(BadSampleError) as info:

@@ -4,6 +4,7 @@ headless-Chromium check that the page really renders and that the "errors only" 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import os
 import re
@@ -13,7 +14,7 @@ import subprocess
 import pytest
 from PIL import Image, ImageDraw
 
-from chartvlm.metrics import summarise
+from chartvlm.evaluate import EvalSettings, write_result
 from chartvlm.report import plot_loss_curve, write_report
 
 # (size, mode) per chart: wide ones are shrunk to 160 px, the small one is kept, odd modes converted.
@@ -64,16 +65,19 @@ TUNED_CORRECT = [True, False, False, True, True, True]
 BASE_CORRECT = [False, True, False, True, False, True]
 
 
-def _metrics(rows: list[dict], model: str) -> dict:
-    return {
-        **summarise(rows),
-        "model": model,
-        "dataset": "synthetic-test",
-        "split": "test",
-        "generation": {"max_new_tokens": 16, "do_sample": False, "min_pixels": 200704},
-        "prompt": "SYSTEM: You are a chart analyst.\nUSER: <image>{question}\nAnswer the question with a single word.",
-        "throughput": {"samples_per_s": 3.25, "seconds": 1.85},
-    }
+PROMPT = "SYSTEM: You are a chart analyst.\nUSER: <image>{question}\nAnswer the question with a single word."
+
+
+def _result(rows: list[dict], model: str, folder, **settings):
+    """The results evaluation writes for these predictions (evaluate.write_result: the real schema)."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "predictions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    settings = EvalSettings(model=model, adapter=None, dataset="synthetic-test", split="test", prompt=PROMPT,
+                            max_new_tokens=16, generation={"max_new_tokens": 16, "do_sample": False},
+                            min_pixels=3136, max_pixels=200704, **settings)
+    return write_result(folder, settings, questions_timed=len(rows), seconds=1.85)
 
 
 def _images(row: dict) -> Image.Image:
@@ -81,15 +85,15 @@ def _images(row: dict) -> Image.Image:
 
 
 @pytest.fixture()
-def tuned():
+def tuned(tmp_path):
     rows = _rows(TUNED_CORRECT, "tuned")
-    return _metrics(rows, "tiny-tuned"), rows
+    return _result(rows, "tiny-tuned", tmp_path / "tuned"), rows
 
 
 @pytest.fixture()
-def base():
+def base(tmp_path):
     rows = _rows(BASE_CORRECT, "base")
-    return _metrics(rows, "tiny-base"), rows
+    return _result(rows, "tiny-base", tmp_path / "base"), rows
 
 
 def _data_uris(page: str, kind: str) -> list[bytes]:
@@ -105,6 +109,7 @@ def _headline_row(page: str, name: str) -> list[str]:
 def test_report_has_numbers_embedded_images_and_no_urls(tmp_path, tuned):
     metrics, rows = tuned
     path = write_report(tmp_path / "sub" / "report.html", metrics, rows, _images)
+    assert "<p class='muted'>tiny-tuned · synthetic-test · test</p>" in page_of(path)
     assert path == tmp_path / "sub" / "report.html"
     page = path.read_text(encoding="utf-8")
 
@@ -132,12 +137,18 @@ def test_report_has_numbers_embedded_images_and_no_urls(tmp_path, tuned):
     assert "<b>A</b>" not in page
     assert "USER: &lt;image&gt;{question}\nAnswer the question with a single word." in page
     assert "<th>max_new_tokens</th><td>16</td>" in page and "<th>do_sample</th><td>false</td>" in page
-    assert "<th>samples_per_s</th><td>3.25</td>" in page
+    assert "<th>seconds</th><td>1.85</td>" in page and "<th>prompt style</th><td>chartvlm</td>" in page
+    assert "<th>pixels</th><td>min 3,136, max 200,704</td>" in page
+    assert "<th>questions</th><td>6 (the whole split)</td>" in page
     assert "tuned-answer-3" in page and "(empty)" in page
     assert "<td>0 <span class='muted'>|</span> alt</td>" in page  # both labels of q0
     assert "id='errors-only'" in page and "errors only" in page
     # Written atomically: no temporary file left behind.
     assert sorted(p.name for p in path.parent.iterdir()) == ["report.html"]
+
+
+def page_of(path) -> str:
+    return path.read_text(encoding="utf-8")
 
 
 def test_report_compare_mode_shows_base_and_fine_tuned(tmp_path, tuned, base):
@@ -165,7 +176,7 @@ def test_report_compare_mode_shows_base_and_fine_tuned(tmp_path, tuned, base):
 
 def test_report_compare_warns_when_prompts_differ(tmp_path, tuned, base):
     base_metrics, base_rows = base
-    base_metrics = {**base_metrics, "prompt": "Other prompt", "generation": {"max_new_tokens": 1024}}
+    base_metrics = dataclasses.replace(base_metrics, prompt="Other prompt", generation={"max_new_tokens": 1024})
     page = write_report(tmp_path / "r.html", *tuned, _images, baseline=(base_metrics, base_rows)).read_text()
     assert "evaluated with a different prompt" in page and "<pre>Other prompt</pre>" in page
     assert "different generation settings" in page and "<th>max_new_tokens</th><td>1024</td>" in page
@@ -192,11 +203,25 @@ def test_report_caps_table_rows_and_survives_a_missing_image(tmp_path, tuned):
     assert _headline_row(page, "overall") == ["66.67", "4 / 6"]
 
 
-def test_report_computes_summary_when_metrics_lack_it(tmp_path, tuned):
-    _, rows = tuned
-    page = write_report(tmp_path / "r.html", {"model": "m"}, rows, _images).read_text()
-    assert _headline_row(page, "overall") == ["66.67", "4 / 6"]
-    assert "(not recorded)" in page
+def test_report_of_a_real_evaluation_shows_what_metrics_json_holds(tiny_model_dir, chart_dataset_dir, tmp_path):
+    """Built from a real `chartvlm eval` run with a test subset: the subtitle, the subset line, the prompt style,
+    the pixels and every generation setting are the ones metrics.json holds."""
+    from chartvlm.config import parse_config
+    from chartvlm.evaluate import run_eval
+    from conftest import run_args
+
+    config = parse_config(run_args(tiny_model_dir, chart_dataset_dir, tmp_path, "--test_split", "train",
+                                   "--test_subset", "4", "--eval_max_new_tokens", "3"))
+    result = run_eval(config, progress=False)["model"]
+    page = (tmp_path / "eval" / "report.html").read_text(encoding="utf-8")
+    assert f"<p class='muted'>{tiny_model_dir} · {chart_dataset_dir} · train</p>" in page
+    assert result.subset_line() == "evaluating 4 of 10 questions: test_subset=4 (seed 42)"
+    assert f"<p class='warn'>{result.subset_line()}</p>" in page
+    assert "<th>questions</th><td>4 of 10 (test_subset=4, seed 42)</td>" in page
+    assert "<th>prompt style</th><td>chartvlm</td>" in page and "<th>repetition_penalty</th><td>1</td>" in page
+    assert "<th>max_new_tokens</th><td>3</td>" in page and "<th>mode</th><td>chartvlm</td>" in page
+    assert "settings" not in re.sub(r"<h2>Generation settings</h2>", "", page), "no raw settings cell"
+    assert _headline_row(page, "overall")[1] == f"{result.overall['correct']} / 4"
 
 
 def test_report_overwrites_existing_file(tmp_path, tuned):

@@ -9,7 +9,7 @@ recipe, `fast` ours, and the ones between them add one change at a time (`--reci
 change's gain is measured on its own. For every recipe the bench prints and saves (JSON in --out, a
 Markdown table appended to --markdown): samples/s, real (non-pad) tokens/s, image tokens per sample,
 peak memory (process RSS on CPU, max_memory_allocated on GPU), achieved model TFLOP/s and the model
-FLOPs utilisation against the device's measured matmul rate (`model_flops_*` below say what is counted).
+FLOPs utilisation against the device's measured matmul rate (chartvlm.flops says what is counted).
 `bench eval` also checks that every recipe's answers equal the seed loop's.
 """
 
@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from chartvlm import flops as model_flops
 from chartvlm.errors import ChartVLMError
 
 logger = logging.getLogger(__name__)
@@ -73,87 +74,16 @@ EVAL_STEPS = {
     "fast": {"order_by_length": True, "share_vision": True, "prefetch": None},  # prefetch on GPU only
 }
 
-PRESET_DEFAULTS = {  # preset -> (image size, None = ChartQA-like random sizes)
-    "tiny": None,
-    "small": None,
-    "qwen2.5-vl-3b": (800, 600),
-    "qwen2.5-vl-7b": (800, 600),
-}
+SHAPE_PRESET_CHARTS = (800, 600)  # chart size for the full-size presets (others: ChartQA-like random sizes)
+
+
+def default_image_size(preset: str) -> tuple[int, int] | None:
+    from chartvlm.modelinit import get_preset
+
+    return SHAPE_PRESET_CHARTS if get_preset(preset).published else None
 
 
 # ---------------------------------------------------------------------------------------------- FLOPs
-def model_flops_vision(vision_config, grid: tuple[int, int, int]) -> float:
-    """Forward FLOPs of the vision tower for one image of `grid` = (t, h, w) patches.
-
-    2 FLOPs per multiply-add: patch embedding (a linear map of 3*2*14*14 values per patch), per block the
-    fused qkv and output projections (4 d^2 per patch) and the gated MLP (3 d i), attention 4 d per pair of
-    patches that attend to each other (within an 8x8-patch window, or the whole image in the full-attention
-    blocks; windows on the image's edges are smaller), and the patch merger (an MLP on groups of 4
-    patches into the language model's width).
-    Norms, rotary embeddings and softmax are left out (under 1%)."""
-    vc = vision_config
-    t, h, w = grid
-    n = t * h * w
-    d, inner, merge = vc.hidden_size, vc.intermediate_size, vc.spatial_merge_size
-    flops = 2 * n * (vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2) * d
-    # Windows tile the merged grid in squares of `unit` merged tokens; the ones on the right and bottom
-    # edges are cut short.
-    unit = vc.window_size // (vc.patch_size * merge)
-
-    def spans(length: int) -> list[int]:
-        return [unit] * (length // unit) + ([length % unit] if length % unit else [])
-
-    window_pairs = t * sum((rows * cols * merge * merge) ** 2
-                           for rows in spans(h // merge) for cols in spans(w // merge))
-    for block in range(vc.depth):
-        pairs = n * n if block in vc.fullatt_block_indexes else window_pairs
-        flops += 2 * n * (4 * d * d + 3 * d * inner) + 4 * pairs * d
-    merged = vc.spatial_merge_size ** 2
-    flops += 2 * (n // merged) * (merged * d) * (merged * d + vc.out_hidden_size)
-    return float(flops)
-
-
-def model_flops_text(text_config, length: int, head_positions: int, context: int = 0) -> float:
-    """Forward FLOPs of the language model over `length` new tokens that follow `context` cached ones, with
-    the LM head on `head_positions` of them: per layer the q/k/v/o projections (grouped-query k and v) and
-    the gated MLP, causal attention (each token attends to the ones before it: 4 d_q per pair), and the
-    head (2 d V per projected position)."""
-    tc = text_config
-    h = tc.hidden_size
-    head_dim = getattr(tc, "head_dim", None) or h // tc.num_attention_heads
-    q = tc.num_attention_heads * head_dim
-    kv = tc.num_key_value_heads * head_dim
-    linear = 2 * length * (h * q + 2 * h * kv + q * h + 3 * h * tc.intermediate_size)
-    pairs = length * context + length * (length + 1) / 2
-    attention = 4 * pairs * q
-    return float(tc.num_hidden_layers * (linear + attention) + 2 * head_positions * h * tc.vocab_size)
-
-
-def model_flops_train(config, grids: list[tuple], lengths: list[int], supervised: list[int],
-                      full_tuning: bool = False, recompute: bool = False) -> float:
-    """FLOPs of one training step on a batch (real tokens only, padding not counted).
-
-    Forward: vision tower + language model with the LM head on the supervised positions only (the useful
-    work; the seed's full-vocabulary head is waste and counts as such). Backward: the vision tower is
-    frozen and runs no backward; the language model's backward costs 1x its forward when its weights are
-    frozen (LoRA: input gradients only, the adapters are negligible) and 2x with full tuning.
-    recompute=True adds the forward that gradient checkpointing repeats (hardware FLOPs; the MFU we
-    report is without it)."""
-    vision = sum(model_flops_vision(config.vision_config, g) for g in grids)
-    text = sum(model_flops_text(config.text_config, n, s) for n, s in zip(lengths, supervised))
-    backward = 2.0 if full_tuning else 1.0
-    return vision + text * (1 + backward + (1 if recompute else 0))
-
-
-def model_flops_generate(config, grid: tuple, prompt_length: int, new_tokens: int) -> float:
-    """FLOPs of answering one question: vision tower, prefill (head on the last position), then one
-    forward per generated token over the growing cache."""
-    flops = model_flops_vision(config.vision_config, grid) + model_flops_text(config.text_config, prompt_length, 1)
-    for k in range(max(new_tokens - 1, 0)):
-        flops += model_flops_text(config.text_config, 1, 1, context=prompt_length + k)
-    return flops
-
-
 def matmul_rate(device, dtype, seconds: float = 1.0) -> float:
     """The device's measured matmul FLOP/s in `dtype` (square matmuls, best of a timed loop)."""
     import torch
@@ -314,7 +244,7 @@ def synthetic_data(args):
 
     from chartvlm.synth import synthesize
 
-    size = args.image_size or PRESET_DEFAULTS.get(args.preset)
+    size = args.image_size or default_image_size(args.preset)
     tag = f"{args.charts}c-{args.questions_per_chart}q-s{args.seed}" + (f"-{size[0]}x{size[1]}" if size else "")
     folder = Path(args.data or Path(args.out) / f"data-{tag}")
     if (folder / "dataset_dict.json").exists():
@@ -405,7 +335,7 @@ class _TrainMeter:
         lengths = mask.sum(dim=1).tolist() if mask is not None else [input_ids.shape[1]] * input_ids.shape[0]
         supervised = (labels[:, 1:] != -100).sum(dim=1).tolist() if labels is not None else [0] * len(lengths)
         grids = [tuple(g) for g in grid.tolist()] if grid is not None else []
-        flops = model_flops_train(self.config, grids, lengths, supervised, self.full_tuning)
+        flops = model_flops.train_step(self.config, grids, lengths, supervised, self.full_tuning)
         self.batches.append((input_ids.shape[0], int(sum(lengths)),
                              int((input_ids == self.image_token_id).sum()), flops, input_ids.numel()))
 
@@ -436,29 +366,20 @@ def run_train_recipe(bench: Bench, recipe: str, options: dict, train_data, work:
     """`warmup_steps` untimed steps, then one timed epoch over `train_data` (the same samples for every
     recipe), from the start of training (data loader start-up included) to the end of the last step."""
     import torch
-    from trl import SFTTrainer
 
-    from chartvlm.collate import make_collator
-    from chartvlm.modeling import prepare_for_training
-    from chartvlm.train import check_config, resolve_optimizer, skip_frozen_vision_backward, with_supervised_loss
+    from chartvlm.train import build_trainer, check_config, resolve_optimizer
 
     args = bench.args
     config = train_config(bench, options, args.warmup_steps, work / recipe)
     check_config(config)
     resolve_optimizer(config.train)
     torch.manual_seed(args.seed)
-    model = copy.deepcopy(bench.model)
-    if config.model.attn_implementation != model.config._attn_implementation:  # noqa: SLF001
-        model.set_attn_implementation(config.model.attn_implementation)
-    model = prepare_for_training(model, config.model)
-    if options["skip_vision_backward"]:
-        skip_frozen_vision_backward(model)
     meter = _TrainMeter(bench.model.config, bench.model.config.image_token_id, config.model.tuning == "full")
+    trainer = build_trainer(copy.deepcopy(bench.model), bench.processor, config, train_data,
+                            callbacks=[meter.callback(bench.device)],
+                            skip_vision_backward=options["skip_vision_backward"])
+    model = trainer.model
     handle = model.register_forward_pre_hook(meter.hook, with_kwargs=True)
-    trainer = with_supervised_loss(SFTTrainer)(
-        model=model, args=config.train, data_collator=make_collator(bench.processor, bench.system_message),
-        train_dataset=train_data, processing_class=bench.processor, callbacks=[meter.callback(bench.device)],
-    )
     try:
         trainer.train()  # warm-up: max_steps = warmup_steps
         meter.reset()
@@ -542,8 +463,8 @@ def _answers_run_predictions(bench: Bench, dataset, options: dict, work: Path) -
     from chartvlm.io import read_jsonl
 
     folder = Path(tempfile.mkdtemp(dir=work))
-    settings = EvalSettings(model=bench.args.preset, adapter=None, dataset="bench", split="test", subset=None,
-                            subset_seed=0, system_message=bench.system_message,
+    settings = EvalSettings(model=bench.args.preset, adapter=None, dataset="bench", split="test",
+                            family=bench.model.config.model_type, system_message=bench.system_message,
                             max_new_tokens=bench.args.max_new_tokens, batch_size=bench.args.batch_size,
                             min_pixels=bench.args.min_pixels, max_pixels=bench.args.max_pixels)
     run_predictions(bench.model, bench.processor, dataset, folder, settings, resume=False, progress=False,
@@ -568,7 +489,7 @@ def run_eval_recipe(bench: Bench, recipe: str, options: dict | None, dataset, sh
             _synchronize(bench.device)
             seconds = time.perf_counter() - started
     tokenizer = bench.processor.tokenizer
-    flops = sum(model_flops_generate(bench.model.config, grid, length,
+    flops = sum(model_flops.generate(bench.model.config, grid, length,
                                      min(len(tokenizer(a)["input_ids"]) + 1, bench.args.max_new_tokens))
                 for (grid, length, _), a in zip(shapes, answers))
     settings = {"loop": "text_generator, one question at a time"} if options is None else \
@@ -627,7 +548,7 @@ def summarise(kind: str, args, bench: Bench, rounds: dict[str, list[Result]], ra
         "dtype": str(bench.dtype).replace("torch.", ""),
         "matmul_tflops_per_s": rate / 1e12,
         "data": {"charts": args.charts, "questions_per_chart": args.questions_per_chart,
-                 "image_size": args.image_size or PRESET_DEFAULTS.get(args.preset) or "ChartQA-like 400-800 x 300-600",
+                 "image_size": args.image_size or default_image_size(args.preset) or "ChartQA-like 400-800 x 300-600",
                  "scrambled_weights": args.scramble},
         "rounds": args.rounds,
         "recipes": rows,
@@ -743,7 +664,9 @@ def main(argv: list[str]) -> int:
     args.argv = list(argv[1:])
     args.recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     if args.scramble is None:
-        args.scramble = args.preset in ("tiny", "small")
+        from chartvlm.modelinit import get_preset
+
+        args.scramble = not get_preset(args.preset).published
     if args.samples < 1 or args.warmup_steps < 1 or args.rounds < 1 or args.batch_size < 1:
         raise ChartVLMError("--samples, --warmup_steps, --rounds and --batch_size must be at least 1")
     summary = bench_train(args) if args.kind == "train" else bench_eval(args)

@@ -5,7 +5,7 @@
     chartvlm predict   --model DIR [--adapter DIR] --image PNG --question TEXT [...]
     chartvlm export    --adapter DIR --out DIR                merge LoRA into a standalone model
     chartvlm data synth --n N --out DIR [--seed S]           render synthetic ChartQA-style charts
-    chartvlm model init --preset NAME --out DIR               build a randomly initialised Qwen2.5-VL
+    chartvlm model init --preset NAME --out DIR               build a randomly initialised Qwen VL model
     chartvlm quickstart [--config configs/quickstart.yaml]    the offline end-to-end demo
     chartvlm bench {train,eval}                               side-by-side speed measurements
 
@@ -67,6 +67,8 @@ def cmd_predict(argv: list[str]) -> int:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--force_adapter", action="store_true",
                         help="Apply the adapter even if it was trained on another base model.")
+    parser.add_argument("--prompt_style", default="chartvlm", choices=["chartvlm", "lmms-eval", "vlmevalkit"],
+                        help="How questions are asked (default: as the model was trained).")
     args = parser.parse_args(argv)
     if len(args.image) != len(args.question):
         raise ChartVLMError(f"got {len(args.image)} --image but {len(args.question)} --question; pair them")
@@ -74,7 +76,7 @@ def cmd_predict(argv: list[str]) -> int:
 
     for answer in predict(args.model, args.image, args.question, adapter=args.adapter,
                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                          force_adapter=args.force_adapter):
+                          force_adapter=args.force_adapter, prompt_style=args.prompt_style):
         print(answer)
     return 0
 
@@ -123,14 +125,21 @@ def cmd_model(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="chartvlm model", description="Model tools.", allow_abbrev=False)
     sub = parser.add_subparsers(dest="action", required=True)
-    init = sub.add_parser("init", help="Write a randomly initialised Qwen2.5-VL (offline).", allow_abbrev=False)
+    init = sub.add_parser("init", help="Write a randomly initialised Qwen vision-language model (offline).",
+                          allow_abbrev=False)
     init.add_argument("--preset", required=True, choices=sorted(PRESETS))
     init.add_argument("--out", required=True)
     init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--tokenizer", default="ours", choices=["ours", "qwen"],
+                      help="ours: a small BPE (fast, for tests); qwen: the real Qwen vocabulary (Qwen2/2.5/3-VL), "
+                           "read offline from the PyPI package dashscope.")
+    init.add_argument("--min_pixels", type=int, default=None)
+    init.add_argument("--max_pixels", type=int, default=None)
     args = parser.parse_args(argv)
     from chartvlm.modelinit import init_model
 
-    print(init_model(args.preset, args.out, seed=args.seed))
+    print(init_model(args.preset, args.out, seed=args.seed, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+                     tokenizer=args.tokenizer))
     return 0
 
 

@@ -45,7 +45,13 @@ class DataArguments:
     test_split: str = field(default="test", metadata={"help": "Split `chartvlm eval` scores by default."})
     subset: float | None = field(
         default=0.01,
-        metadata={"help": "Use a deterministic subset of every split: a fraction in (0, 1] or a row count (> 1)."},
+        metadata={"help": "Train (and compute the eval loss) on a deterministic subset: a fraction in (0, 1] or a "
+                          "row count (> 1)."},
+    )
+    test_subset: float | None = field(
+        default=None,
+        metadata={"help": "`chartvlm eval` scores the whole test split unless this picks a deterministic subset "
+                          "(a fraction or a row count, drawn with subset_seed)."},
     )
     subset_seed: int = field(default=42, metadata={"help": "Seed that picks the subset."})
     system_message: str = field(
@@ -66,12 +72,14 @@ class DataArguments:
         if self.on_bad_sample not in (None, "skip", "error"):
             raise ChartVLMError(f"on_bad_sample must be skip or error (or unset for the defaults), "
                                 f"got {self.on_bad_sample!r}")
-        if self.subset is None:
-            return
-        if self.subset <= 0 or (self.subset > 1 and self.subset != int(self.subset)):
-            raise ChartVLMError(f"subset must be a fraction in (0, 1] or a whole row count > 1, got {self.subset}")
-        if self.subset > 1:  # flags and YAML give floats; a count must reach the loader as an int
-            self.subset = int(self.subset)
+        for name in ("subset", "test_subset"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if value <= 0 or (value > 1 and value != int(value)):
+                raise ChartVLMError(f"{name} must be a fraction in (0, 1] or a whole row count > 1, got {value}")
+            if value > 1:  # flags and YAML give floats; a count must reach the loader as an int
+                setattr(self, name, int(value))
 
 
 @dataclass
@@ -90,11 +98,15 @@ class ModelArguments:
     lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA path."})
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "v_proj"],
-        metadata={"help": "Module names (or 'all-linear') to adapt. Restricted to the language model unless "
-                          "--lora_include_vision."},
+        metadata={"help": "Module names, 'all-linear', or 'auto' (the family's query/value projections in every "
+                          "layer) to adapt. Restricted to the language model unless --lora_include_vision."},
     )
     lora_include_vision: bool = field(
         default=False, metadata={"help": "Also put LoRA on matching vision-tower modules."}
+    )
+    train_projector: bool = field(
+        default=False, metadata={"help": "Train the projector(s) from the vision tower into the language model "
+                                         "(the merger; Qwen3-VL's deepstack mergers too), the tower itself frozen."}
     )
     train_vision_tower: bool = field(
         default=False, metadata={"help": "Train the whole vision tower instead of freezing it (with LoRA it is "
@@ -131,6 +143,19 @@ class EvalArguments:
         default=32, metadata={"help": "New-token limit for `chartvlm eval` (ChartQA answers need ~16)."}
     )
     eval_batch_size: int = field(default=8, metadata={"help": "Questions per generation batch."})
+    prompt_style: str = field(
+        default="chartvlm",
+        metadata={"help": "chartvlm (the training prompt) | lmms-eval | vlmevalkit: those harnesses' ChartQA prompt, "
+                          "image sizes and decoding, to compare a base model with published scores.",
+                  "choices": ["chartvlm", "lmms-eval", "vlmevalkit"]},
+    )
+    generation_config: str | None = field(
+        default=None,
+        metadata={"help": "chartvlm (pure greedy, nothing from the checkpoint) | checkpoint (the checkpoint's "
+                          "generation_config.json as it is) | checkpoint-greedy (its fields, greedy forced). "
+                          "Default: the prompt style's (chartvlm; checkpoint-greedy for lmms-eval).",
+                  "choices": ["chartvlm", "checkpoint", "checkpoint-greedy"]},
+    )
     metric: str = field(
         default="relaxed",
         metadata={"help": "relaxed (standard) | relaxed_swapped | lenient",
@@ -150,6 +175,11 @@ class EvalArguments:
     report: bool = field(default=True, metadata={"help": "Write report.html next to metrics.json."})
 
     def __post_init__(self):
+        if self.prompt_style not in ("chartvlm", "lmms-eval", "vlmevalkit"):
+            raise ChartVLMError(f"prompt_style must be chartvlm, lmms-eval or vlmevalkit, got {self.prompt_style!r}")
+        if self.generation_config not in (None, "chartvlm", "checkpoint", "checkpoint-greedy"):
+            raise ChartVLMError("generation_config must be chartvlm, checkpoint or checkpoint-greedy, got "
+                                f"{self.generation_config!r}")
         for name in ("max_new_tokens", "eval_max_new_tokens", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ChartVLMError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -231,12 +261,14 @@ class TrainConfig(SFTConfig):
 
 @dataclass
 class RunConfig:
-    """Everything one command needs, resolved."""
+    """Everything one command needs, resolved. `explicit`: the options a YAML file or a flag set (the others are
+    defaults), so settings a trained model carries are inherited unless the user chose otherwise."""
 
     data: DataArguments
     model: ModelArguments
     eval: EvalArguments
     train: TrainConfig
+    explicit: frozenset[str] = frozenset()
 
     def to_dict(self) -> dict:
         train = {k: v for k, v in self.train.to_dict().items() if not k.startswith("_")}
@@ -309,6 +341,7 @@ def parse_config(argv: list[str] | None = None, prog: str = "chartvlm") -> RunCo
     argv = _attach_negative_numbers(list(argv or []))
     # No abbreviations: `--learning_rat 0.5` must be an unknown key, not a silent learning_rate.
     parser = TrlParser(SECTIONS, prog=prog, allow_abbrev=False)
+    explicit = {token[2:].split("=")[0] for token in argv if token.startswith("--") and token != "--config"}
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
@@ -328,6 +361,7 @@ def parse_config(argv: list[str] | None = None, prog: str = "chartvlm") -> RunCo
         if unknown:
             raise _unknown_key_error(unknown, str(config_path), prog)
         parser.set_defaults_with_config(**values)
+        explicit |= set(values)
     try:
         data, model, evaluation, train, rest = parser.parse_args_into_dataclasses(
             args=argv, return_remaining_strings=True
@@ -337,7 +371,7 @@ def parse_config(argv: list[str] | None = None, prog: str = "chartvlm") -> RunCo
     if rest:
         flags = [r.lstrip("-").split("=")[0] for r in rest if r.startswith("-")]
         raise _unknown_key_error(flags or rest, "the command line", prog)
-    return RunConfig(data=data, model=model, eval=evaluation, train=train)
+    return RunConfig(data=data, model=model, eval=evaluation, train=train, explicit=frozenset(explicit))
 
 
 def load_run_config(folder: str | Path) -> dict:

@@ -1,11 +1,8 @@
-"""Load chart QA data from wherever a user keeps it and return one schema (the ChartQA one).
+"""Load chart QA data from wherever a user keeps it, as one schema (`chartvlm.schema`).
 
-Every source ends up as a `datasets.Dataset` with the columns `image` (`datasets.Image`, decoded
-lazily; `chartvlm.images.to_rgb` makes it RGB where it is used), `query` (str), `label` (list of
-str), `human_or_machine` (int: 0 human-written, 1 augmented), `row_id` (str), plus any extra columns.
-
-Sources: a hub dataset id, a `save_to_disk` folder, parquet (file, glob or folder), the original
-ChartQA release layout (`{split}/{split}_human.json` + `png/`), or a JSONL file of image paths.
+Sources: a hub dataset id, a `save_to_disk` folder, parquet (file, glob or folder), the original ChartQA release
+layout (`{split}/{split}_human.json` + `png/`), or a JSONL file of image paths. JSON and JSONL are streamed into an
+Arrow cache keyed on their content; bad rows follow `on_bad_sample` (`chartvlm.validate.SkippedRows`).
 """
 
 from __future__ import annotations
@@ -14,111 +11,23 @@ import glob
 import hashlib
 import json
 import logging
-import math
 import numbers
 import os
-from collections import Counter
 from collections.abc import Iterator, Mapping
-from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from chartvlm.errors import BadSampleError, ChartVLMError
+from chartvlm.hub import ensure_hub_reachable, is_glob, is_local_source
+from chartvlm.schema import CORE_COLUMNS, IMAGE_MODE, extra_features, normalise_columns, normalise_row, note_type
+from chartvlm.validate import SKIPPED_FILENAME, SkippedRows
 
 if TYPE_CHECKING:
     import datasets
 
 logger = logging.getLogger(__name__)
 
-QUICKSTART_HINT = "for an offline run use the quick start: `make quickstart` (synthetic charts + a tiny model)"
-
-# Images keep their stored mode here; every consumer (collate, generate, report) converts with
-# chartvlm.images.to_rgb, which draws transparent pixels on white as viewers and transformers do.
-# datasets' Image(mode="RGB") would drop alpha and show whatever colour hides under transparency.
-IMAGE_MODE = None
-
-CORE_COLUMNS = ("image", "query", "label", "human_or_machine")
-_QUERY_KEYS = ("query", "question")
-_LABEL_KEYS = ("label", "answer", "answers")
 # Bump when the normalisation changes, so cached Arrow files built by older code are not reused.
 _CACHE_VERSION = "chartvlm-data-3"
-
-ON_BAD_SAMPLE = ("skip", "error")
-# Where a JSON/JSONL row came from (file:line, file[index]), so a bad image found later is named by it.
-LOCATION_COLUMN = "source_location"
-SKIPPED_FILENAME = "skipped.jsonl"
-
-
-# --------------------------------------------------------------------------------------------
-# Public API
-# --------------------------------------------------------------------------------------------
-
-
-def is_local_source(source: str) -> bool:
-    """True if `source` names local data (an existing path, a glob, or something path-shaped).
-
-    Anything else is treated as a hub id ("owner/name"). A path-shaped string that does not exist
-    (e.g. "./data/train.jsonl") still counts as local, so the user gets "not found" rather than a
-    network lookup.
-    """
-    source = str(source)
-    if os.path.exists(os.path.expanduser(source)):
-        return True
-    if _is_glob(source):
-        return True
-    if source.startswith(("/", "./", "../", "~", ".\\")) or "\\" in source:
-        return True
-    # Hub ids have at most one slash ("owner/name"); file names end in a data extension.
-    if source.count("/") > 1:
-        return True
-    return source.lower().endswith((".parquet", ".jsonl", ".json", ".arrow"))
-
-
-def ensure_hub_reachable(repo_id: str, repo_type: str = "model", timeout: float = 5.0) -> None:
-    """Fail within seconds, with a clear message, if `repo_id` cannot be fetched from the hub.
-
-    Returns without any network access when `repo_id` is a local path or is already in the local
-    Hugging Face cache. Otherwise asks the hub for the repo's metadata with `timeout` seconds and
-    turns any failure (offline mode, no connection, unknown or gated repo) into a ChartVLMError.
-    """
-    from huggingface_hub import HfApi, constants
-    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
-
-    if os.path.exists(os.path.expanduser(repo_id)):
-        return
-    if _is_in_local_cache(repo_id, repo_type):
-        logger.debug("%s %s found in the local cache", repo_type, repo_id)
-        return
-
-    what = f"{repo_type} '{repo_id}'"
-    if _hub_offline(repo_type):
-        raise ChartVLMError(
-            f"HF_HUB_OFFLINE is set and the {what} is not in the local Hugging Face cache "
-            f"({constants.HF_HUB_CACHE}). Pass a local path instead, unset HF_HUB_OFFLINE to download it, "
-            f"or {QUICKSTART_HINT}."
-        )
-    endpoint = constants.ENDPOINT
-    try:
-        HfApi(endpoint=endpoint).repo_info(repo_id, repo_type=repo_type, timeout=timeout)
-    except HFValidationError as error:
-        raise ChartVLMError(
-            f"'{repo_id}' is neither an existing local path nor a valid hub {repo_type} id ({error})."
-        ) from None
-    except GatedRepoError:
-        raise ChartVLMError(
-            f"The {what} on {endpoint} is gated: accept its terms on the hub page and log in "
-            f"(`hf auth login`), or pass a local path."
-        ) from None
-    except RepositoryNotFoundError:
-        raise ChartVLMError(
-            f"The {what} was not found on {endpoint} (check the id; private repos need `hf auth login`), "
-            f"and no local path of that name exists."
-        ) from None
-    except Exception as error:  # noqa: BLE001 - transport errors differ by huggingface_hub version
-        raise ChartVLMError(
-            f"Cannot reach the Hugging Face Hub at {endpoint} to fetch the {what} "
-            f"({type(error).__name__}: {error}), and it is not in the local cache ({constants.HF_HUB_CACHE}). "
-            f"Check the connection (or set HF_ENDPOINT to a mirror), pass a local path, or {QUICKSTART_HINT}."
-        ) from None
 
 
 def load_chartqa(
@@ -162,238 +71,15 @@ def load_chartqa(
                             f"in {SKIPPED_FILENAME})" if bad else f"{where}: the {split} split has no rows.")
     if "row_id" not in dataset.column_names:
         dataset = dataset.add_column("row_id", [f"{split}-{index}" for index in range(len(dataset))])
-    dataset = _select_subset(dataset, subset, seed, f"{where} ({split})")
+    dataset = select_subset(dataset, subset, seed, f"{where} ({split})")
     logger.info("loaded %d rows from %s (split %s)", len(dataset), where, split)
     return dataset
-
-
-class SkippedRows:
-    """The on_bad_sample policy of one run and the rows it left out.
-
-    "error" raises the BadSampleError (with what to do about it); "skip" records it: every skip is
-    counted, the first `log_first` are logged with file/row and reason, and `write` lists them all
-    in skipped.jsonl. Training also records here the duplicates and overlong samples it drops.
-    """
-
-    def __init__(self, policy: str = "error", log_first: int = 5):
-        if policy not in ON_BAD_SAMPLE:
-            raise ChartVLMError(f"on_bad_sample must be one of {', '.join(ON_BAD_SAMPLE)}, got {policy!r}")
-        self.policy = policy
-        self.log_first = log_first
-        self.records: list[dict[str, Any]] = []
-        self.duplicates = 0  # exact duplicates seen by validate_rows, dropped or not
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def bad(self, error: BadSampleError, row_id: str | None = None) -> None:
-        if self.policy == "error":
-            hint = f"fix or remove the row, or set on_bad_sample=skip to leave bad rows out (in {SKIPPED_FILENAME})"
-            raise BadSampleError(error.where, f"{error.reason}. To go on: {hint}") from None
-        self.record(error.where, error.reason, row_id)
-
-    def record(self, where: str, reason: str, row_id: str | None = None, kind: str = "bad") -> None:
-        self.records.append({"where": where, "row_id": row_id, "kind": kind, "reason": reason})
-        if len(self.records) <= self.log_first:
-            logger.warning("skipped %s: %s", where, reason)
-
-    def write(self, folder: str | os.PathLike) -> str:
-        """skipped.jsonl in `folder` (written atomically; empty when nothing was skipped)."""
-        from chartvlm.io import atomic_write_text
-
-        path = os.path.join(folder, SKIPPED_FILENAME)
-        atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in self.records))
-        if self.records:
-            kinds = Counter(record["kind"] for record in self.records)
-            logger.warning("left out %d rows (%s); all listed in %s", len(self.records),
-                           ", ".join(f"{count} {kind}" for kind, count in kinds.items()), path)
-        return path
-
-
-def validate_rows(
-    dataset: "datasets.Dataset",
-    skipped: SkippedRows,
-    name: str,
-    measure: Any = None,
-    drop_duplicates: bool = False,
-    control_tokens: tuple[str, ...] = (),
-) -> tuple["datasets.Dataset", list[Any]]:
-    """The one pass over a split before training or evaluation uses it, one row at a time with the
-    image undecoded: each image must open and be intact (`chartvlm.images.check_image`), each
-    question and label list usable. Bad rows go to `skipped` (which raises under on_bad_sample=error).
-
-    Exact duplicates (same image, question and labels) are counted in `skipped.duplicates`; with
-    `drop_duplicates` (training) they are left out and listed, otherwise (evaluation) kept and reported.
-    `measure(row, width, height)` runs on each kept row, so a caller that needs image sizes (training's
-    sequence lengths) reads every header once. `control_tokens` (prompts.control_tokens of the model's
-    tokenizer): a question or label holding one is a bad row, since the tokenizer would not read it as text.
-    Rows are named by their source_location (file:line) where the loader recorded it. Returns the kept rows
-    and their measure values.
-    """
-    from chartvlm.prompts import check_user_text
-
-    import datasets
-
-    from chartvlm.images import check_image
-
-    raw = dataset.cast_column("image", datasets.Image(decode=False))
-    keep, values, first_seen, duplicates = [], [], {}, 0
-    for index, row in enumerate(raw):
-        row_id = str(row.get("row_id") or index)
-        where = row.get(LOCATION_COLUMN) or f"{name} row {row_id}"
-        try:
-            width, height = check_image(row["image"], where)
-            check_user_text(_normalise_query(row["query"], where), "question", where, control_tokens)
-            if row["label"] is None:
-                raise BadSampleError(where, "no answer")
-            for label in _normalise_label(row["label"], where):
-                check_user_text(label, "answer", where, control_tokens)
-        except BadSampleError as error:
-            skipped.bad(error, row_id)
-            continue
-        key = _duplicate_key(row)
-        if key in first_seen:
-            duplicates += 1
-            if drop_duplicates:
-                skipped.record(where, f"exact duplicate of row {first_seen[key]} (same image, question and labels)",
-                               row_id, kind="duplicate")
-                continue
-        else:
-            first_seen[key] = row_id
-        keep.append(index)
-        if measure is not None:
-            values.append(measure(row, width, height))
-    skipped.duplicates += duplicates
-    if duplicates:
-        logger.warning("%s: %d rows are exact duplicates of an earlier row (same image, question and labels); %s",
-                       name, duplicates, "dropped" if drop_duplicates else "kept, each one counts")
-    if not keep:
-        raise ChartVLMError(f"{name}: no usable rows left ({len(raw)} checked); see {SKIPPED_FILENAME} and the log.")
-    if len(keep) < len(raw):
-        dataset = dataset.select(keep)
-    return dataset, values
-
-
-def _duplicate_key(row: dict[str, Any]) -> bytes:
-    """Image (its path, or its bytes when embedded), question and labels, hashed."""
-    digest = hashlib.blake2b(digest_size=16)
-    image = row["image"]
-    digest.update(image["bytes"] if image.get("bytes") else os.path.abspath(image["path"]).encode())
-    digest.update(json.dumps([row["query"], row["label"]]).encode())
-    return digest.digest()
-
-
-# --------------------------------------------------------------------------------------------
-# Per-row validation (JSON / JSONL sources)
-# --------------------------------------------------------------------------------------------
-
-
-def _normalise_row(raw: Any, where: str, base_dir: str, allow_outside_images: bool = False) -> dict[str, Any]:
-    """Check one raw JSON row and return it normalised: image as an absolute path, query str,
-    label list[str], human_or_machine int, source_location (file:line or file[index]), other keys unchanged.
-
-    The single place where a JSON row is accepted or rejected (the caller applies on_bad_sample). An image
-    path that leaves the data's folder (`../`, an absolute path) is refused unless `allow_outside_images`:
-    a data file from elsewhere must not make chartvlm read (and show in reports) arbitrary files.
-    """
-    if not isinstance(raw, Mapping):
-        raise BadSampleError(where, f"expected a JSON object, got {type(raw).__name__}")
-    image = raw.get("image")
-    if not isinstance(image, str) or not image.strip():
-        raise BadSampleError(where, "no 'image' path (a chart image path, relative to the file's folder or absolute)")
-    image_path = os.path.abspath(os.path.join(base_dir, os.path.expanduser(image)))
-    folder = os.path.abspath(base_dir)
-    if not allow_outside_images and os.path.commonpath([folder, image_path]) != folder:
-        raise BadSampleError(where, f"the image path {image!r} leaves the data folder {folder}; move the image "
-                                    "inside it, or set allow_outside_images=true if you trust the file")
-    if not os.path.isfile(image_path):
-        raise BadSampleError(where, f"image file not found: {image_path}")
-
-    query_key = next((key for key in _QUERY_KEYS if raw.get(key) is not None), None)
-    if query_key is None:
-        raise BadSampleError(where, "no question (key 'query' or 'question')")
-    label_key = next((key for key in _LABEL_KEYS if raw.get(key) is not None), None)
-    if label_key is None:
-        raise BadSampleError(where, "no answer (key 'label', 'answer' or 'answers')")
-
-    row = {
-        "image": image_path,
-        "query": _normalise_query(raw[query_key], where),
-        "label": _normalise_label(raw[label_key], where),
-        "human_or_machine": _normalise_origin(raw.get("human_or_machine", 0), where),
-    }
-    used = {"image", query_key, label_key, "human_or_machine"}
-    row.update((key, value) for key, value in raw.items() if key not in used)
-    row.setdefault(LOCATION_COLUMN, where)
-    return row
-
-
-def _normalise_query(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise BadSampleError(where, f"the question must be a non-empty string, got {value!r}")
-    return value
-
-
-def _normalise_label(value: Any, where: str) -> list[str]:
-    """One answer or a list of accepted answers -> list of ChartQA-style strings."""
-    values = value if isinstance(value, (list, tuple)) else [value]
-    if not values:
-        raise BadSampleError(where, "the answer list is empty")
-    labels = []
-    for item in values:
-        if isinstance(item, str):
-            # Kept verbatim: the standard metric compares targets unstripped.
-            if not item.strip():
-                raise BadSampleError(where, f"empty answer in {value!r}")
-            labels.append(item)
-        elif isinstance(item, (bool, numbers.Real)):
-            labels.append(_format_answer_number(item, where))
-        else:
-            raise BadSampleError(where, f"an answer must be a string or a number, got {item!r}")
-    return labels
-
-
-def _format_answer_number(value: bool | numbers.Real, where: str) -> str:
-    """Print a number the way ChartQA labels are written: 12.0 -> "12", 6.80 -> "6.8", True -> "Yes"."""
-    if isinstance(value, bool):
-        return "Yes" if value else "No"
-    if isinstance(value, numbers.Integral):
-        return str(int(value))
-    number = float(value)
-    if not math.isfinite(number):
-        raise BadSampleError(where, f"the answer {value!r} is not a finite number")
-    if number.is_integer():
-        return str(int(number))
-    text = repr(number)  # shortest round-trip form: 6.8, 0.123
-    if "e" in text:
-        text = format(Decimal(text), "f")  # 1e-07 -> 0.0000001 (labels never use exponents)
-    return text
-
-
-def _normalise_origin(value: Any, where: str) -> int:
-    """human_or_machine as 0 (human-written) or 1 (augmented); also accepts lmms-lab's type names."""
-    if isinstance(value, str):
-        name = value.strip().lower()
-        if name in ("0", "1"):
-            return int(name)
-        if name.startswith("human"):
-            return 0
-        if name.startswith(("augmented", "machine")):
-            return 1
-    elif isinstance(value, (bool, numbers.Real)) and float(value) in (0.0, 1.0):
-        return int(value)
-    raise BadSampleError(where, f"human_or_machine must be 0 (human) or 1 (augmented), got {value!r}")
-
-
-# --------------------------------------------------------------------------------------------
-# Sources
-# --------------------------------------------------------------------------------------------
 
 
 def _load_local(source: str, split: str, cache_dir: str | None, skipped: SkippedRows,
                 allow_outside_images: bool = False) -> tuple["datasets.Dataset", str]:
     path = os.path.expanduser(source)
-    if _is_glob(path) and not os.path.exists(path):
+    if is_glob(path) and not os.path.exists(path):
         files = sorted(glob.glob(path, recursive=True))
         if not files:
             raise ChartVLMError(f"{source}: the pattern matches no files.")
@@ -452,7 +138,7 @@ def _load_hub(source: str, split: str, cache_dir: str | None, skipped: SkippedRo
         if "split" in str(error).lower():  # 'Unknown split "x". Should be one of [...]'
             raise ChartVLMError(f"{source}: {error}") from None
         raise
-    return _normalise_columns(dataset, source, split, skipped)
+    return normalise_columns(dataset, source, split, skipped)
 
 
 def _load_saved(folder: str, split: str, skipped: SkippedRows) -> "datasets.Dataset":
@@ -464,9 +150,9 @@ def _load_saved(folder: str, split: str, skipped: SkippedRows) -> "datasets.Data
             raise ChartVLMError(
                 f"{folder}: no '{split}' split in this DatasetDict; available splits: {', '.join(loaded)}."
             )
-        return _normalise_columns(loaded[split], f"{folder} ({split})", split, skipped)
+        return normalise_columns(loaded[split], f"{folder} ({split})", split, skipped)
     logger.info("%s holds a single Dataset; using it as the %s split", folder, split)
-    return _normalise_columns(loaded, folder, split, skipped)
+    return normalise_columns(loaded, folder, split, skipped)
 
 
 def _load_parquet(files: list[str], cache_dir: str | None, where: str, split: str,
@@ -477,7 +163,7 @@ def _load_parquet(files: list[str], cache_dir: str | None, where: str, split: st
         dataset = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=cache_dir)
     except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as error:
         raise ChartVLMError(f"{where}: could not read the parquet data ({error}).") from None
-    return _normalise_columns(dataset, where, split, skipped)
+    return normalise_columns(dataset, where, split, skipped)
 
 
 def _release_records(split_dir: str, split: str) -> Iterator[tuple[str, Any]]:
@@ -583,17 +269,12 @@ def _source_rows(kind: str, source: str, split: str, skipped: SkippedRows,
         try:
             if isinstance(raw, BadSampleError):
                 raise raw
-            row = _normalise_row(raw, where, base_dir, allow_outside_images)
+            row = normalise_row(raw, where, base_dir, allow_outside_images)
         except BadSampleError as error:
             skipped.bad(error, f"{split}-{index}")
             continue
         row.setdefault("row_id", f"{split}-{index}")
         yield row
-
-
-# --------------------------------------------------------------------------------------------
-# Building and normalising Datasets
-# --------------------------------------------------------------------------------------------
 
 
 def _dataset_from_source(kind: str, source: str, split: str, cache_dir: str | None, skipped: SkippedRows,
@@ -615,20 +296,20 @@ def _dataset_from_source(kind: str, source: str, split: str, cache_dir: str | No
         digest.update(json.dumps(row, sort_keys=True, default=str).encode())
         for key, value in row.items():
             if key not in CORE_COLUMNS:
-                _note_type(extra_types.setdefault(key, {}), value)
+                note_type(extra_types.setdefault(key, {}), value)
     if not count:
         if len(skipped) > skipped_before:
             raise ChartVLMError(f"{source}: every row is bad ({len(skipped) - skipped_before} rows, each listed with "
                                 f"its reason in {SKIPPED_FILENAME})")
         raise ChartVLMError(f"{source}: no rows found")
-    extra_features, json_keys = _extra_features(extra_types, source)
+    extra, json_keys = extra_features(extra_types, source)
     features = datasets.Features(
         {
             "image": datasets.Image(mode=IMAGE_MODE),
             "query": datasets.Value("string"),
             "label": datasets.List(datasets.Value("string")),
             "human_or_machine": datasets.Value("int64"),
-            **extra_features,
+            **extra,
         }
     )
     # Our own fingerprint (rows + schema): a changed file gives a new cache, an unchanged one reuses it.
@@ -638,7 +319,7 @@ def _dataset_from_source(kind: str, source: str, split: str, cache_dir: str | No
         _generate_rows,
         features=features,
         cache_dir=cache_dir,
-        gen_kwargs={"kind": kind, "source": source, "split": split, "extra_keys": tuple(extra_features),
+        gen_kwargs={"kind": kind, "source": source, "split": split, "extra_keys": tuple(extra),
                     "json_keys": json_keys, "allow_outside_images": allow_outside_images},
         fingerprint=digest.hexdigest()[:32],
     )
@@ -656,126 +337,7 @@ def _generate_rows(kind: str, source: str, split: str, extra_keys: tuple[str, ..
         yield row
 
 
-_SCALAR_TYPES = {str: "string", bool: "bool", float: "double", type(None): "null"}
-
-
-def _note_type(seen: dict[str, Any], value: Any) -> None:
-    """Keep one value per distinct Arrow type of an extra column; the column's type is inferred from those."""
-    import pyarrow as pa
-
-    name = _SCALAR_TYPES.get(type(value))
-    if name is None and type(value) is int:
-        name = "int64" if -(2**63) <= value < 2**63 else "unconvertible"
-    if name is None:
-        try:
-            name = str(pa.array([value]).type)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
-            name = "unconvertible"
-    seen.setdefault(name, value)
-
-
-def _extra_features(types: dict[str, dict[str, Any]], where: str) -> tuple[dict[str, Any], tuple[str, ...]]:
-    """Features of the extra columns, and the columns stored as JSON text because their types mix."""
-    import datasets
-    import pyarrow as pa
-
-    fields, json_keys = [], []
-    for key, seen in types.items():
-        try:
-            if "unconvertible" in seen:
-                raise pa.ArrowInvalid(key)
-            arrow_type = pa.array(list(seen.values())).type
-        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
-            # Mixed types across rows (e.g. 3 and "3"): keep the column as JSON text.
-            logger.warning("%s: column %r has mixed types; storing it as JSON text", where, key)
-            json_keys.append(key)
-            arrow_type = pa.string()
-        fields.append((key, arrow_type))
-    return dict(datasets.Features.from_arrow_schema(pa.schema(fields))), tuple(json_keys)
-
-
-def _normalise_columns(dataset: "datasets.Dataset", where: str, split: str,
-                       skipped: SkippedRows) -> "datasets.Dataset":
-    """Bring an Arrow-backed dataset (hub, save_to_disk, parquet) to the normalised schema.
-
-    Accepts the ChartQA schema and the lmms-lab one (`question`, `answer` str, `type`). Only the
-    small text columns are read into Python; the image column is re-typed, never rewritten. Bad
-    rows go to `skipped`; the kept rows' `row_id`s still count them.
-    """
-    import datasets
-
-    columns = dataset.column_names
-    for target, aliases in (("query", _QUERY_KEYS[1:]), ("label", _LABEL_KEYS[1:])):
-        if target not in columns:
-            alias = next((name for name in aliases if name in columns), None)
-            if alias is not None:
-                dataset = dataset.rename_column(alias, target)
-                columns = dataset.column_names
-    missing = [name for name in ("image", "query", "label") if name not in columns]
-    if missing:
-        raise ChartVLMError(
-            f"{where}: missing column(s) {missing}; found {columns}. Expected the ChartQA schema "
-            f"(image, query, label, human_or_machine) or lmms-lab's (image, question, answer, type)."
-        )
-
-    origin_column = "human_or_machine" if "human_or_machine" in columns else "type" if "type" in columns else None
-    read = ["query", "label"] + ([origin_column] if origin_column else [])
-    table = dataset.select_columns(read).with_format("arrow")[:]
-    queries = table.column("query").to_pylist()
-    raw_labels = table.column("label").to_pylist()
-    raw_origins = table.column(origin_column).to_pylist() if origin_column else [0] * len(queries)
-    origin_feature = dataset.features.get(origin_column) if origin_column else None
-    if isinstance(origin_feature, datasets.ClassLabel):
-        # Go through the class names: index 0 need not mean "human" in every export.
-        raw_origins = [origin_feature.int2str(value) if value is not None else None for value in raw_origins]
-
-    # The underlying table, not a formatted copy (that would pull every image's bytes into memory);
-    # freshly loaded datasets have no indices mapping, so positions match rows.
-    image_column = dataset.data.column("image")
-    no_image = image_column.is_null().to_pylist() if image_column.null_count else [False] * len(queries)
-    labels, origins, bad = [], [], []
-    for index, (query, label, origin) in enumerate(zip(queries, raw_labels, raw_origins)):
-        row_where = f"{where}[{index}]"
-        try:
-            if no_image[index]:
-                raise BadSampleError(row_where, "no image")
-            _normalise_query(query, row_where)
-            if label is None:
-                raise BadSampleError(row_where, "no answer")
-            labels.append(_normalise_label(label, row_where))
-            origins.append(_normalise_origin(origin, row_where))
-        except BadSampleError as error:
-            skipped.bad(error, f"{split}-{index}")
-            bad.append(index)
-            labels.append(label if isinstance(label, list) and all(isinstance(x, str) for x in label) else [])
-            origins.append(0)
-
-    string_list = datasets.List(datasets.Value("string"))
-    if labels != raw_labels or dataset.features["label"] != string_list:
-        dataset = dataset.remove_columns("label").add_column("label", labels, feature=string_list)
-    if origin_column is None:
-        logger.warning("%s: no human_or_machine column; treating every row as human-written (0)", where)
-    if origin_column != "human_or_machine" or dataset.features["human_or_machine"] != datasets.Value("int64"):
-        if "human_or_machine" in dataset.column_names:
-            dataset = dataset.remove_columns("human_or_machine")
-        dataset = dataset.add_column("human_or_machine", origins, feature=datasets.Value("int64"))
-
-    wanted_image = datasets.Image(mode=IMAGE_MODE)
-    if dataset.features["image"] != wanted_image:
-        try:
-            dataset = dataset.cast_column("image", wanted_image)
-        except (TypeError, ValueError) as error:
-            raise ChartVLMError(f"{where}: the image column cannot be read as images ({error}).") from None
-    if bad:
-        if "row_id" not in dataset.column_names:
-            dataset = dataset.add_column("row_id", [f"{split}-{index}" for index in range(len(dataset))])
-        dropped = set(bad)
-        dataset = dataset.select([index for index in range(len(dataset)) if index not in dropped])
-    extras = [name for name in dataset.column_names if name not in CORE_COLUMNS]
-    return dataset.select_columns(list(CORE_COLUMNS) + extras)
-
-
-def _select_subset(
+def select_subset(
     dataset: "datasets.Dataset", subset: float | int | None, seed: int, where: str
 ) -> "datasets.Dataset":
     """A seeded random subset kept in original order; the k-row subset is a prefix of the same
@@ -806,12 +368,8 @@ def _select_subset(
 
 
 # --------------------------------------------------------------------------------------------
-# Helpers: layout detection, cache lookups
+# Helpers: layout detection
 # --------------------------------------------------------------------------------------------
-
-
-def _is_glob(text: str) -> bool:
-    return any(char in text for char in "*?[")
 
 
 def _is_saved_dataset(folder: str) -> bool:
@@ -852,41 +410,3 @@ def _splits_in_folder(folder: str) -> list[str]:
             stem = name[: -len(".parquet")]
             found.add(stem.split("-")[0] if "-" in stem else parent if parent not in ("", "data") else stem)
     return sorted(found)
-
-
-def _hub_offline(repo_type: str) -> bool:
-    """Offline flags, read now (the libraries read them once at import)."""
-    from huggingface_hub import constants
-
-    names = ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"] + (["HF_DATASETS_OFFLINE"] if repo_type == "dataset" else [])
-    flags = [os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE") for name in names]
-    return constants.HF_HUB_OFFLINE or any(flags)
-
-
-def _is_in_local_cache(repo_id: str, repo_type: str) -> bool:
-    """Whether a usable copy of the repo is cached, without touching the network."""
-    from huggingface_hub import constants, try_to_load_from_cache
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.file_download import repo_folder_name
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError:
-        return False  # the hub lookup that follows reports the bad id
-    if repo_type == "model":
-        return isinstance(try_to_load_from_cache(repo_id, "config.json", repo_type="model"), str)
-    folder = repo_folder_name(repo_id=repo_id, repo_type=repo_type)
-    snapshots = os.path.join(constants.HF_HUB_CACHE, folder, "snapshots")
-    if os.path.isdir(snapshots) and any(os.scandir(snapshots)):
-        return True
-    if repo_type == "dataset":
-        # datasets also falls back to its own prepared Arrow cache: {cache}/{owner}___{snake_name}/...
-        import datasets
-        from datasets.naming import camelcase_to_snakecase
-
-        parts = repo_id.split("/")
-        parts[-1] = camelcase_to_snakecase(parts[-1])
-        root = os.path.join(os.path.expanduser(str(datasets.config.HF_DATASETS_CACHE)), "___".join(parts))
-        return any(os.path.isdir(path) for path in glob.glob(os.path.join(glob.escape(root), "*", "*", "*")))
-    return False

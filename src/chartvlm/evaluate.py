@@ -2,7 +2,10 @@
 
 `predictions.jsonl` gets one line per question as soon as its batch is done, so an interrupted
 evaluation resumes where it stopped without redoing or duplicating a row. A `run.json` fingerprint
-(model, data, prompt, generation settings) keeps a resume from mixing two different runs.
+(`EvalSettings`: the weights', adapter's and questions' content, the exact prompt, pixels and generation
+settings) keeps a resume from mixing two different runs. Under torchrun every rank answers its share
+(`sharded_predictions`); rank 0 gathers them and writes what a single process would. The results are an
+`results.EvalResult` in metrics.json.
 """
 
 from __future__ import annotations
@@ -10,54 +13,63 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from chartvlm.errors import ChartVLMError
 from chartvlm.io import atomic_write_json, atomic_write_text, read_jsonl
 from chartvlm.prompts import SYSTEM_MESSAGE
+from chartvlm.results import EvalResult, compare_table
 
 logger = logging.getLogger(__name__)
 
 SPLIT_NAMES = {0: "human", 1: "augmented"}
+SHARDS_DIRNAME = "shards"
 
 
 @dataclass
 class EvalSettings:
-    """What defines an evaluation run; two runs with equal settings may share a predictions file."""
+    """What defines an evaluation run; two runs with equal settings (but the batch size) may share a predictions
+    file. A model retrained into the same folder is another model: its digest differs."""
 
     model: str
     adapter: str | None
     dataset: str
     split: str
-    subset: float | None
-    subset_seed: int
-    system_message: str = SYSTEM_MESSAGE
-    max_new_tokens: int = 32
-    batch_size: int = 8
-    metric: str = "relaxed"
+    test_subset: float | int | None = None
+    subset_seed: int = 42
+    family: str | None = None
+    prompt_style: str = "chartvlm"
+    system_message: str | None = SYSTEM_MESSAGE  # None: no system turn (the template's default, if any)
+    prompt: str | None = None           # the exact text before the answer, "{question}" for each question
     min_pixels: int | None = None
     max_pixels: int | None = None
+    max_new_tokens: int = 32
+    generation_mode: str = "chartvlm"
+    generation: dict | None = None      # every effective generation setting
+    metric: str = "relaxed"
     # The question set: rows left out under on_bad_sample=skip, and exact duplicates (kept, each scored).
     on_bad_sample: str = "error"
+    questions_in_split: int | None = None
     skipped_questions: int = 0
     duplicated_questions: int = 0
-    # What the answers depend on beyond the names above (chartvlm.fingerprint): the weights' and the questions'
-    # content, the exact prompt text and every generation setting. A model retrained into the same folder is
-    # another model.
     model_digest: str | None = None
     adapter_digest: str | None = None
     dataset_digest: str | None = None
-    prompt: str | None = None
-    generation: dict | None = None
+    batch_size: int = 8
 
     def fingerprint(self) -> dict:
         # Batch size changes speed, not answers (batched greedy == one-at-a-time), so it may differ on resume.
-        found = {k: v for k, v in self.__dict__.items() if k != "batch_size"}
-        if isinstance(self.generation, dict):
-            found["generation"] = {k: v for k, v in self.generation.items() if k != "batch_size"}
-        return found
+        return {key: value for key, value in asdict(self).items() if key != "batch_size"}
+
+    def messages(self, row: dict) -> list[dict]:
+        """The conversation one question is asked with (prompts.build_messages, in the prompt style)."""
+        from chartvlm.prompts import build_messages, prompt_style
+
+        question = prompt_style(self.prompt_style).question(row["query"], self.family)
+        return build_messages(row["image"], question, system_message=self.system_message)
 
 
 def question_id(row: dict, index: int, split: str) -> str:
@@ -83,7 +95,7 @@ def prediction_record(row: dict, index: int, split: str, prediction: str, metric
 
 def _check_or_write_fingerprint(out: Path, settings: EvalSettings, resume: bool) -> None:
     run_file = out / "run.json"
-    expected = settings.fingerprint()
+    expected = json.loads(json.dumps(settings.fingerprint(), default=str))
     if run_file.exists() and (out / "predictions.jsonl").exists():
         found = json.loads(run_file.read_text())
         if not resume:
@@ -107,10 +119,11 @@ def _complete_rows(predictions: Path) -> list[dict]:
 
 def run_predictions(model, processor, dataset, out_dir: str | Path, settings: EvalSettings,
                     resume: bool = True, progress: bool = True, shard: tuple[int, int] | None = None,
-                    order_by_length: bool = True, share_vision: bool = True, prefetch: bool | None = None) -> dict:
-    """Generate and score every row of `dataset` into out_dir/predictions.jsonl; returns metrics.
+                    order_by_length: bool = True, share_vision: bool = True, prefetch: bool | None = None
+                    ) -> EvalResult:
+    """Generate and score every row of `dataset` into out_dir/predictions.jsonl; returns the results.
 
-    shard=(rank, world): only the rows whose index % world == rank (see chartvlm.distributed).
+    shard=(rank, world): only the rows whose index % world == rank (see `sharded_predictions`).
     order_by_length: answer the questions in `eval_order` (similar lengths batched, one chart's questions
     together); share_vision: run the vision tower once per distinct chart; prefetch: read and preprocess
     the next batch while this one generates (default: on a GPU; on a CPU the thread takes cores from the
@@ -118,6 +131,7 @@ def run_predictions(model, processor, dataset, out_dir: str | Path, settings: Ev
     from tqdm.auto import tqdm
 
     from chartvlm.generate import VisionCache, generate_answers
+    from chartvlm.prompts import prompt_style
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -134,15 +148,16 @@ def run_predictions(model, processor, dataset, out_dir: str | Path, settings: Ev
     vision_cache = VisionCache() if share_vision else None
     if prefetch is None:
         prefetch = next(model.parameters()).device.type == "cuda"
+    style = prompt_style(settings.prompt_style)
     bar = tqdm(total=len(done) + len(pending), initial=len(done), unit="q", desc="eval", disable=not progress)
     batches = [pending[start : start + settings.batch_size] for start in range(0, len(pending), settings.batch_size)]
     answered = len(done)
     try:
         with predictions.open("a", encoding="utf-8") as sink:
-            for indices, rows, inputs in prepared_batches(dataset, batches, processor, settings.system_message,
-                                                          prefetch):
-                answers = generate_answers(model, processor, None, settings.max_new_tokens,
-                                           share_vision=share_vision, vision_cache=vision_cache, inputs=inputs)
+            for indices, rows, inputs in prepared_batches(dataset, batches, processor, settings, prefetch):
+                answers = generate_answers(model, processor, None, settings.max_new_tokens, share_vision=share_vision,
+                                           vision_cache=vision_cache, inputs=inputs, style=style,
+                                           generation=settings.generation_mode)
                 for index, row, answer in zip(indices, rows, answers):
                     record = prediction_record(row, index, settings.split, answer, settings.metric)
                     sink.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -156,12 +171,10 @@ def run_predictions(model, processor, dataset, out_dir: str | Path, settings: Ev
     bar.close()
     elapsed = time.perf_counter() - started
     _put_in_dataset_order(predictions)
-    return write_metrics(out, settings, questions_timed=len(pending), seconds=elapsed,
-                         prompt=prompt_template(processor, settings),
-                         generation=generation_record(processor, settings))
+    return write_result(out, settings, questions_timed=len(pending), seconds=elapsed)
 
 
-def prepared_batches(dataset, batches: list[list[int]], processor, system_message: str, prefetch: bool = True):
+def prepared_batches(dataset, batches: list[list[int]], processor, settings: EvalSettings, prefetch: bool = True):
     """(indices, rows, generation inputs) of each batch. With prefetch, a background thread reads, decodes
     and preprocesses the next batch while the current one generates, with its own copy of the processor
     (a tokenizer is not safe to share between threads)."""
@@ -169,13 +182,14 @@ def prepared_batches(dataset, batches: list[list[int]], processor, system_messag
     from concurrent.futures import ThreadPoolExecutor
 
     from chartvlm.generate import generation_inputs
-    from chartvlm.prompts import format_data
+    from chartvlm.prompts import prompt_style
 
     own_processor = copy.deepcopy(processor) if prefetch else processor
+    style = prompt_style(settings.prompt_style)
 
     def prepare(indices: list[int]):
         rows = [dataset[i] for i in indices]
-        return indices, rows, generation_inputs([format_data(row, system_message) for row in rows], own_processor)
+        return indices, rows, generation_inputs([settings.messages(row) for row in rows], own_processor, style)
 
     if not prefetch:
         yield from map(prepare, batches)
@@ -194,19 +208,13 @@ def eval_order(dataset, indices: list[int], processor) -> list[int]:
     image headers and chart identities from the encoded bytes: nothing is decoded for this."""
     import hashlib
 
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-
-    image_processor = processor.image_processor
-    factor = image_processor.patch_size * image_processor.merge_size
-    size = image_processor.size
+    from chartvlm.images import image_token_count
 
     def image_tokens(width: int, height: int) -> int:
         try:
-            h, w = smart_resize(height, width, factor=factor, min_pixels=size["shortest_edge"],
-                                max_pixels=size["longest_edge"])
+            return image_token_count(processor, width, height)
         except ValueError:  # an unusable image: its row raises BadSampleError when it is answered
             return 0
-        return h * w // (factor * factor)
 
     keys = {}
     for index, (width, height, content) in _image_headers(dataset, indices):
@@ -268,27 +276,24 @@ def _put_in_dataset_order(predictions: Path) -> None:
     os.replace(ordered, predictions)
 
 
-def prompt_template(processor, settings: EvalSettings) -> str:
+
+def prompt_text(processor, settings: EvalSettings) -> str:
     """The exact text the model is prompted with, `{question}` standing for each question."""
-    from chartvlm.prompts import build_messages, prompt_messages
+    from chartvlm.prompts import build_messages, prompt_messages, prompt_style, render
 
-    messages = prompt_messages(build_messages(None, "{question}", system_message=settings.system_message))
-    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-def generation_record(processor, settings: EvalSettings) -> dict:
-    from chartvlm.generate import generation_settings
-
-    record = generation_settings(processor, settings.max_new_tokens)
-    return {**record, "stop_token": "<|im_end|>", "padding_side": "left", "batch_size": settings.batch_size,
-            "min_pixels": settings.min_pixels, "max_pixels": settings.max_pixels}
+    question = prompt_style(settings.prompt_style).question("{question}", settings.family)
+    return render(processor, prompt_messages(build_messages(None, question, system_message=settings.system_message)),
+                  generation_prompt=True)
 
 
-def write_metrics(out: Path, settings: EvalSettings, questions_timed: int, seconds: float,
-                  prompt: str | None = None, generation: dict | None = None) -> dict:
+def write_result(out: Path, settings: EvalSettings, questions_timed: int, seconds: float) -> EvalResult:
+    """metrics.json: the summary of predictions.jsonl (streamed: memory does not grow with the questions) and
+    everything that defines the run."""
+    from chartvlm import __version__
     from chartvlm.metrics import summarise
+    from chartvlm.prompts import prompt_style
 
-    def rows():  # streamed: memory does not grow with the number of questions
+    def rows():
         seen = set()
         if not (out / "predictions.jsonl").exists():
             return
@@ -302,88 +307,172 @@ def write_metrics(out: Path, settings: EvalSettings, questions_timed: int, secon
                 seen.add(row["id"])
                 yield row
 
-    metrics = {
-        **summarise(rows()),
-        "settings": settings.fingerprint(),
-        "prompt": prompt,
-        "generation": generation,
-        "throughput": {
-            "questions": questions_timed,
-            "seconds": round(seconds, 3),
-            "questions_per_second": round(questions_timed / seconds, 3) if seconds > 0 else None,
-        },
-    }
-    atomic_write_json(out / "metrics.json", metrics)
-    return metrics
+    summary = summarise(rows())
+    style = prompt_style(settings.prompt_style)
+    result = EvalResult(
+        model=settings.model, adapter=settings.adapter, dataset=settings.dataset, split=settings.split,
+        questions={"evaluated": summary["overall"]["total"], "in_split": settings.questions_in_split,
+                   "test_subset": settings.test_subset, "subset_seed": settings.subset_seed,
+                   "skipped": settings.skipped_questions, "duplicated": settings.duplicated_questions,
+                   "on_bad_sample": settings.on_bad_sample},
+        metric=settings.metric, overall=summary["overall"], by_split=summary["by_split"],
+        by_question_type=summary["by_question_type"], prompt_style=settings.prompt_style,
+        system_message=settings.system_message, prompt=settings.prompt,
+        pixels={"min": settings.min_pixels, "max": settings.max_pixels, "pre_resize": style.pre_resize},
+        generation={**(settings.generation or {}), "mode": settings.generation_mode, "padding_side": "left",
+                    "batch_size": settings.batch_size},
+        fingerprint={"model": settings.model_digest, "adapter": settings.adapter_digest,
+                     "questions": settings.dataset_digest},
+        throughput={"questions": questions_timed, "seconds": round(seconds, 3),
+                    "questions_per_second": round(questions_timed / seconds, 3) if seconds > 0 else None},
+        chartvlm_version=__version__)
+    result.save(out)
+    return result
 
 
-def accuracy_line(name: str, metrics: dict) -> str:
-    by_split = metrics.get("by_split", {})
-    parts = [f"overall {metrics['overall']['accuracy']:.2f}"]
-    parts += [f"{split} {by_split[split]['accuracy']:.2f}" for split in ("human", "augmented") if split in by_split]
-    return f"{name}: " + ", ".join(parts) + f" (n={metrics['overall']['total']})"
+# ---------------------------------------------------------------------------------------------- several ranks
+def shard_dir(out_dir: str | Path, shard_rank: int, world: int) -> Path:
+    return Path(out_dir) / SHARDS_DIRNAME / f"rank{shard_rank}-of-{world}"
 
 
-def compare_table(base: dict, tuned: dict, base_name: str = "base", tuned_name: str = "fine-tuned") -> str:
-    """A Markdown table of accuracy per split, with the difference."""
-    keys = [("overall", base["overall"], tuned["overall"])]
-    for split in ("human", "augmented"):
-        if split in base.get("by_split", {}) and split in tuned.get("by_split", {}):
-            keys.append((split, base["by_split"][split], tuned["by_split"][split]))
-    lines = [f"| split | {base_name} | {tuned_name} | difference |", "|---|---:|---:|---:|"]
-    for name, b, t in keys:
-        lines.append(f"| {name} | {b['accuracy']:.2f} | {t['accuracy']:.2f} | {t['accuracy'] - b['accuracy']:+.2f} |")
-    return "\n".join(lines)
+def merge_shards(shards: list[list[dict]], total: int, where: str | Path) -> list[dict]:
+    """The rows of every shard in index order, each question once; an incomplete merge is an error."""
+    by_index: dict[int, dict] = {}
+    for rows in shards:
+        for row in rows:
+            by_index.setdefault(row["index"], row)
+    missing = sorted(set(range(total)) - set(by_index))
+    extra = sorted(set(by_index) - set(range(total)))
+    if missing or extra:
+        problem = f"{len(missing)} of {total} questions missing" if missing else f"indices {extra[:5]} beyond {total}"
+        raise ChartVLMError(f"{where}: merging the evaluation shards: {problem}; re-run the same command to "
+                            "resume, or delete the folder to start over")
+    return [by_index[i] for i in range(total)]
 
 
-def pixel_limits(config, adapter: str | None) -> tuple[int, int]:
-    """Evaluate with the pixels the adapter was trained with (saved in its run config), else the config's."""
-    from chartvlm.config import load_run_config
+def _seed_shard(merged: Path, shard: Path, shard_rank: int, world: int) -> None:
+    """Copy this shard's rows from an earlier merged (or single-process) predictions.jsonl, so a resumed
+    run does not redo them. On a disk other ranks cannot see, the rank simply finds nothing to copy."""
+    from chartvlm.io import atomic_write_text, read_jsonl
 
-    trained = load_run_config(adapter).get("model", {}) if adapter else {}
-    limits = (trained.get("min_pixels", config.model.min_pixels), trained.get("max_pixels", config.model.max_pixels))
-    if trained and limits != (config.model.min_pixels, config.model.max_pixels):
-        logger.warning("using the adapter's training pixel limits %s, not the config's", limits)
-    return limits
+    have = read_jsonl(shard)
+    known = {row["index"] for row in have}
+    earlier = [row for row in read_jsonl(merged) if row["index"] % world == shard_rank and row["index"] not in known]
+    if earlier:
+        rows = have + earlier
+        atomic_write_text(shard, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        logger.info("rank %d: %d questions already answered in %s", shard_rank, len(earlier), merged)
+
+def sharded_predictions(model, processor, dataset, out_dir: str | Path, settings: EvalSettings, resume: bool = True,
+                        progress: bool = True) -> EvalResult:
+    """`run_predictions` over all ranks of a torchrun/accelerate launch; in a single process it is exactly that.
+
+    Rank r answers the questions whose index % world == r into its own resumable folder; rank 0 gathers every
+    shard through the process group (no shared disk needed), writes predictions.jsonl in index order and
+    metrics.json as a single process would; every rank returns the same results (throughput: the questions of
+    all ranks over the slowest rank's seconds)."""
+    from chartvlm.distributed import init_process_group, rank, world_size
+
+    world, me = world_size(), rank()
+    if world == 1:
+        return run_predictions(model, processor, dataset, out_dir, settings, resume=resume, progress=progress)
+    import torch.distributed as dist
+
+    init_process_group()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # Every rank checks, so a changed run fails everywhere (not only on rank 0 while the others wait).
+    _check_or_write_fingerprint(out, settings, resume)
+    mine = shard_dir(out, me, world)
+    mine.mkdir(parents=True, exist_ok=True)
+    _seed_shard(out / "predictions.jsonl", mine / "predictions.jsonl", me, world)
+    throughput = {"questions": 0, "seconds": 0.0}
+    if me < len(dataset):  # a shard with no question has nothing to run or summarise
+        throughput = run_predictions(model, processor, dataset, mine, settings, resume=resume,
+                                     progress=progress and me == 0, shard=(me, world)).throughput
+    gathered = [None] * world if me == 0 else None
+    dist.gather_object((read_jsonl(mine / "predictions.jsonl"), throughput), gathered, dst=0)
+    result: list = [None]
+    if me == 0:
+        try:
+            rows = merge_shards([shard_rows for shard_rows, _ in gathered], len(dataset), out)
+            atomic_write_text(out / "predictions.jsonl",
+                              "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            timed = [t for _, t in gathered]
+            result[0] = write_result(out, settings, questions_timed=sum(t["questions"] for t in timed),
+                                     seconds=max(t["seconds"] for t in timed))
+        except ChartVLMError as exc:  # every rank reports it, instead of waiting for a result
+            result[0] = str(exc)
+    dist.broadcast_object_list(result, src=0)
+    if isinstance(result[0], str):
+        raise ChartVLMError(result[0])
+    # The merged file now holds this shard's rows (and seeds a resume): drop the shard.
+    shutil.rmtree(mine, ignore_errors=True)
+    try:
+        mine.parent.rmdir()
+    except OSError:  # another rank's shard is still there, or it is already gone
+        pass
+    return result[0]
+
+
+# ---------------------------------------------------------------------------------------------- the command
+def load_test_split(config, skipped, controls: tuple[str, ...] = ()):
+    """The split `chartvlm eval` scores: the whole test split, or the test_subset announced in one line; checked
+    row by row (data.validate_rows). Returns (rows, questions in the whole split)."""
+    from chartvlm.data import load_chartqa, select_subset
+    from chartvlm.validate import validate_rows
+
+    where = f"{config.data.dataset} ({config.data.test_split})"
+    dataset = load_chartqa(config.data.dataset, split=config.data.test_split, on_bad_sample=skipped,
+                           allow_outside_images=config.data.allow_outside_images)
+    in_split = len(dataset) + len(skipped)
+    dataset = select_subset(dataset, config.data.test_subset, config.data.subset_seed, where)
+    if config.data.test_subset is not None:
+        logger.warning("evaluating %s of %s questions: test_subset=%s", f"{len(dataset):,}", f"{in_split:,}",
+                       config.data.test_subset)
+    dataset, _ = validate_rows(dataset, skipped, where, control_tokens=controls)
+    return dataset, in_split
 
 
 def evaluate_one(config, model_path: str, adapter: str | None, out_dir: Path, dataset, progress: bool = True,
-                 skipped=None) -> dict:
-    """Load one model (+ adapter), score `dataset`, write predictions/metrics (and the report later).
+                 skipped=None, in_split: int | None = None) -> EvalResult:
+    """Load one model (+ adapter), score `dataset`, write predictions and metrics (the report comes later).
     `skipped`: the data.SkippedRows of the pass that checked `dataset`, recorded in the settings."""
-    from chartvlm.distributed import sharded_predictions
     from chartvlm.fingerprint import dataset_digest, model_digest
+    from chartvlm.generate import generation_config, generation_record
     from chartvlm.modeling import load_model, load_processor
+    from chartvlm.settings import resolve
 
-    min_pixels, max_pixels = pixel_limits(config, adapter)
-    settings = EvalSettings(
-        model=model_path, adapter=adapter, dataset=config.data.dataset, split=config.data.test_split,
-        subset=config.data.subset, subset_seed=config.data.subset_seed, system_message=config.data.system_message,
-        max_new_tokens=config.eval.eval_max_new_tokens, batch_size=config.eval.eval_batch_size,
-        metric=config.eval.metric, min_pixels=min_pixels, max_pixels=max_pixels,
-    )
-    if skipped is not None:
-        settings.on_bad_sample = skipped.policy
-        settings.skipped_questions, settings.duplicated_questions = len(skipped), skipped.duplicates
-    else:
-        settings.on_bad_sample = config.data.on_bad_sample or "error"
-    processor = load_processor(model_path, min_pixels, max_pixels)
+    asked = resolve(config, model_path, adapter)
+    processor = load_processor(asked.trained_folder or model_path, asked.min_pixels, asked.max_pixels)
     model = load_model(model_path, adapter=adapter, attn_implementation=config.model.attn_implementation,
                        force_adapter=config.eval.force_adapter)
     model.eval()
-    settings.model_digest = model_digest(model_path)
-    settings.adapter_digest = model_digest(adapter) if adapter else None
-    settings.dataset_digest = dataset_digest(dataset)
-    settings.prompt = prompt_template(processor, settings)
-    settings.generation = generation_record(processor, settings)
-    logger.info("evaluating %s%s on %s/%s (%d questions) -> %s", model_path, f" + {adapter}" if adapter else "",
-                config.data.dataset, config.data.test_split, len(dataset), out_dir)
+    settings = EvalSettings(
+        model=model_path, adapter=adapter, dataset=config.data.dataset, split=config.data.test_split,
+        test_subset=config.data.test_subset, subset_seed=config.data.subset_seed, family=model.config.model_type,
+        prompt_style=asked.style.name, system_message=asked.system_message, min_pixels=asked.min_pixels,
+        max_pixels=asked.max_pixels, max_new_tokens=asked.eval_max_new_tokens, generation_mode=asked.generation,
+        metric=config.eval.metric, batch_size=config.eval.eval_batch_size,
+        on_bad_sample=skipped.policy if skipped is not None else config.data.on_bad_sample or "error",
+        questions_in_split=in_split if in_split is not None else len(dataset),
+        skipped_questions=len(skipped) if skipped is not None else 0,
+        duplicated_questions=skipped.duplicates if skipped is not None else 0,
+        model_digest=model_digest(model_path), adapter_digest=model_digest(adapter) if adapter else None,
+        dataset_digest=dataset_digest(dataset))
+    settings.prompt = prompt_text(processor, settings)
+    settings.generation = generation_record(generation_config(model, processor, settings.max_new_tokens,
+                                                              settings.generation_mode))
+    logger.info("evaluating %s%s on %s/%s (%d questions, prompt style %s) -> %s", model_path,
+                f" + {adapter}" if adapter else "", config.data.dataset, config.data.test_split, len(dataset),
+                settings.prompt_style, out_dir)
     return sharded_predictions(model, processor, dataset, out_dir, settings, progress=progress)
 
 
 def run_eval(config, progress: bool = True) -> dict:
     """`chartvlm eval`: one model, or two with --compare_model/--compare_adapter, plus report.html."""
-    from chartvlm.data import SkippedRows, ensure_hub_reachable, is_local_source, load_chartqa, validate_rows
+    from chartvlm.hub import ensure_hub_reachable, is_local_source
+    from chartvlm.validate import SkippedRows
     from chartvlm.distributed import init_process_group, is_main_process
     from chartvlm.io import ensure_writable_dir
     from chartvlm.modeling import check_adapter, check_model_folder, load_processor
@@ -410,27 +499,26 @@ def run_eval(config, progress: bool = True) -> dict:
     # on_bad_sample defaults to error here: a metric is never computed on a silently smaller set.
     skipped = SkippedRows(config.data.on_bad_sample or "error")
     try:
-        dataset = load_chartqa(config.data.dataset, split=config.data.test_split, subset=config.data.subset,
-                               seed=config.data.subset_seed, on_bad_sample=skipped,
-                               allow_outside_images=config.data.allow_outside_images)
-        dataset, _ = validate_rows(dataset, skipped, f"{config.data.dataset} ({config.data.test_split})",
-                                   control_tokens=controls)
+        dataset, in_split = load_test_split(config, skipped, controls)
     finally:  # also when every row was bad: the message points to this file
         if main:
             skipped.write(out)
     main_dir = out / "model" if comparing else out
-    results = {"model": evaluate_one(config, model_path, config.eval.adapter, main_dir, dataset, progress, skipped)}
+    results = {"model": evaluate_one(config, model_path, config.eval.adapter, main_dir, dataset, progress, skipped,
+                                     in_split)}
     if main:
-        print(accuracy_line("model", results["model"]))
+        print(results["model"].accuracy_line("model"))
     if comparing:
         other = config.eval.compare_model or model_path
         results["compare"] = evaluate_one(config, other, config.eval.compare_adapter, out / "compare", dataset,
-                                          progress, skipped)
+                                          progress, skipped, in_split)
         table = compare_table(results["compare"], results["model"], "compare", "model")
         if main:
-            print(accuracy_line("compare", results["compare"]))
+            print(results["compare"].accuracy_line("compare"))
             atomic_write_text(out / "comparison.md", table + "\n")
             print(table)
+    if main and results["model"].subset_line():
+        print(results["model"].subset_line())
     if config.eval.report and main:
         results["report"] = str(write_eval_report(out, dataset, comparing))
         print(f"report: {results['report']}")
@@ -441,13 +529,13 @@ def write_eval_report(out: Path, dataset, comparing: bool, title: str = "chartvl
     from chartvlm.report import write_report
 
     def load(folder: Path):
-        return json.loads((folder / "metrics.json").read_text()), read_jsonl(folder / "predictions.jsonl")
+        return EvalResult.load(folder), read_jsonl(folder / "predictions.jsonl")
 
     def image_of(row):
         return dataset[row["index"]]["image"]
 
     if comparing:
-        metrics, rows = load(out / "model")
-        return write_report(out / "report.html", metrics, rows, image_of, baseline=load(out / "compare"), title=title)
-    metrics, rows = load(out)
-    return write_report(out / "report.html", metrics, rows, image_of, title=title)
+        result, rows = load(out / "model")
+        return write_report(out / "report.html", result, rows, image_of, baseline=load(out / "compare"), title=title)
+    result, rows = load(out)
+    return write_report(out / "report.html", result, rows, image_of, title=title)

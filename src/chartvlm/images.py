@@ -136,48 +136,84 @@ def check_image(encoded: dict | None, where: str) -> tuple[int, int]:
     return size
 
 
-def fit_to_pixels(image, max_pixels: int, factor: int = 28):
-    """Shrink an image with more than SHRINK_ABOVE x max_pixels pixels to the size the Qwen2-VL processor
-    would resize it to (so the processor has nothing left to do); return smaller images unchanged.
+def processed_size(image_processor, width: int, height: int) -> tuple[int, int]:
+    """(width, height) the processor resizes an image to: each side a multiple of patch x merge, the area
+    within its min/max pixels (Qwen2-VL's smart_resize, shared by every family)."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    factor = image_processor.patch_size * image_processor.merge_size
+    size = getattr(image_processor, "size", None) or {}
+    min_pixels = size.get("shortest_edge") or image_processor.min_pixels
+    max_pixels = size.get("longest_edge") or image_processor.max_pixels
+    new_height, new_width = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    return new_width, new_height
+
+
+def image_token_count(processor, width: int, height: int) -> int:
+    """Language-model tokens of one image of (width, height): one per merged patch of its processed size, the
+    count the processor expands <|image_pad|> to. The one place this arithmetic is written."""
+    image_processor = processor.image_processor
+    factor = image_processor.patch_size * image_processor.merge_size
+    new_width, new_height = processed_size(image_processor, width, height)
+    return (new_width // factor) * (new_height // factor)
+
+
+def fit_to_pixels(image, image_processor):
+    """Shrink an image with more than SHRINK_ABOVE x the processor's max pixels to the size the processor would
+    resize it to (so the processor has nothing left to do); return smaller images unchanged.
 
     Palette and bilevel images are converted to RGB first, so that the shrink averages colours instead of
     picking palette entries.
     """
     from PIL import Image
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
     width, height = image.size
-    if width * height <= SHRINK_ABOVE * max_pixels:
+    size = getattr(image_processor, "size", None) or {}
+    if width * height <= SHRINK_ABOVE * (size.get("longest_edge") or image_processor.max_pixels):
         return image
-    target_height, target_width = smart_resize(height, width, factor=factor, min_pixels=factor * factor,
-                                               max_pixels=max_pixels)
+    target = processed_size(image_processor, width, height)
     if image.mode in ("1", "P", "PA"):
         image = to_rgb(image)
-    return image.resize((target_width, target_height), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return image.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
 
 
-def model_image(value, processor, where: str = "image"):
+def model_image(value, processor, where: str = "image", style=None):
     """One chart image as every stage hands it to the processor: decoded by `open_image` (unless it is already a
     PIL image, as `datasets` decodes it), shrunk right after decoding when it is far above the processor's
-    max_pixels (`fit_to_pixels`), and RGB (`to_rgb`).
+    max_pixels (`fit_to_pixels`), and RGB (`to_rgb`). A prompt style that reproduces another harness
+    (prompts.PromptStyle) prepares it the harness's way instead (`harness_image`).
 
     A missing, damaged or unusable image raises BadSampleError naming `where` (e.g. the row id).
     """
     from PIL import Image
 
-    image_processor = processor.image_processor
-    size = getattr(image_processor, "size", None) or {}
-    max_pixels = size.get("longest_edge") or image_processor.max_pixels
-    factor = image_processor.patch_size * image_processor.merge_size
     if isinstance(value, (str, os.PathLike, bytes, bytearray, dict)):
         value = open_image(value, where)
     elif not isinstance(value, Image.Image):
         raise BadSampleError(where, f"expected a chart image, got {type(value).__name__}")
     _check_shape(value.size, where)
     try:
-        return to_rgb(fit_to_pixels(value, max_pixels, factor))
+        if style is not None and (style.plain_rgb or style.pre_resize):
+            return harness_image(value, processor.image_processor, style)
+        return to_rgb(fit_to_pixels(value, processor.image_processor))
     except Exception as error:  # noqa: BLE001 - Pillow signals a damaged file with many exception types
         raise BadSampleError(where, f"image cannot be decoded ({_describe(error)})") from None
+
+
+def harness_image(image, image_processor, style):
+    """An image as lmms-eval / VLMEvalKit hand it to the processor: converted with PIL's convert("RGB") (lmms-eval
+    drops transparency that way) or composited on white, then qwen_vl_utils.fetch_image's resize: each side to a
+    multiple of patch x merge and the area into the style's (min, max) pixels, BICUBIC."""
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    image = image.convert("RGB") if style.plain_rgb else to_rgb(image)
+    if style.pre_resize:
+        factor = image_processor.patch_size * image_processor.merge_size
+        height, width = smart_resize(image.height, image.width, factor=factor, min_pixels=style.pre_resize[0],
+                                     max_pixels=style.pre_resize[1])
+        image = image.resize((width, height), Image.Resampling.BICUBIC)
+    return image
 
 
 def _describe(error: Exception) -> str:

@@ -10,12 +10,10 @@ from pathlib import Path
 import torch
 
 from chartvlm.errors import ChartVLMError
+from chartvlm.families import Family, family_of
 
 logger = logging.getLogger(__name__)
 
-# Module-name pattern of the vision tower in transformers 5.x Qwen2.5-VL (model.visual.*), and its name.
-VISION_MODULES = r".*\bvisual\b.*"
-VISION_TOWER = "visual"
 # Written next to every trained model or adapter: which base it was trained from, by content.
 BASE_RECORD = "chartvlm_base.json"
 
@@ -46,7 +44,7 @@ def set_pixel_limits(processor, min_pixels: int, max_pixels: int) -> None:
 def check_model_folder(path_or_id: str) -> None:
     """Before anything is loaded: a local model path must exist and hold a model (a hub id is checked by
     data.ensure_hub_reachable). A training output folder that holds no model is a run that did not finish."""
-    from chartvlm.data import is_local_source
+    from chartvlm.hub import is_local_source
 
     path = Path(path_or_id).expanduser()
     if not is_local_source(path_or_id):
@@ -64,7 +62,8 @@ def check_model_folder(path_or_id: str) -> None:
     raise ChartVLMError(f"{path_or_id} holds no model (no config.json){unfinished}")
 
 
-def _model_type(path_or_id: str) -> str | None:
+def model_type(path_or_id: str) -> str | None:
+    """config.json's model_type of a model folder or hub id (None when it cannot be read)."""
     from transformers import AutoConfig
 
     try:
@@ -96,10 +95,10 @@ def check_adapter(adapter: str, model_path: str, force: bool = False) -> None:
     recorded_file = folder / BASE_RECORD
     recorded = json.loads(recorded_file.read_text()) if recorded_file.is_file() else {
         "model_name_or_path": json.loads(config_file.read_text()).get("base_model_name_or_path")}
-    model_type = _model_type(model_path)
-    if recorded.get("model_type") and model_type and model_type != recorded["model_type"]:
+    given = model_type(model_path)
+    if recorded.get("model_type") and given and given != recorded["model_type"]:
         raise ChartVLMError(f"adapter {adapter} is for a {recorded['model_type']} model, but {model_path} is a "
-                            f"{model_type} model")
+                            f"{given} model")
     from chartvlm.fingerprint import model_digest
 
     digest = model_digest(model_path) if recorded.get("digest") else None
@@ -168,49 +167,94 @@ def load_model(model_name_or_path: str, *, adapter: str | None = None, dtype: to
     return model
 
 
-def lora_config(model_args):
-    """LoRA on the language model by default: `q_proj`/`v_proj` already miss the vision tower, but
-    `all-linear` and the MLP names would also match its 32 blocks. With train_vision_tower the whole tower
-    trains and is saved with the adapter (`modules_to_save`): PEFT saves adapter tensors only, so a tower
-    made trainable any other way would train and then be lost."""
+def lora_config(model_args, family: Family):
+    """LoRA on the language model by default: `q_proj`/`v_proj` already miss the vision tower, but `all-linear`
+    and the MLP names would also match its blocks. `auto` is the family's choice (families.Family.lora_targets).
+    With train_vision_tower (train_projector) the whole tower (the projector) trains and is saved with the
+    adapter (`modules_to_save`): PEFT saves adapter tensors only, so a module made trainable any other way
+    would train and then be lost."""
     from peft import LoraConfig
 
     targets = model_args.lora_target_modules
+    if targets == ["auto"]:
+        targets = list(family.lora_targets)
     target_modules = targets[0] if targets == ["all-linear"] else list(targets)
+    saved_whole = [family.vision_tower] if model_args.train_vision_tower else \
+        list(family.projectors) if model_args.train_projector else None
     return LoraConfig(
         r=model_args.lora_r,
         lora_alpha=model_args.lora_alpha,
         lora_dropout=model_args.lora_dropout,
         target_modules=target_modules,
-        exclude_modules=None if model_args.lora_include_vision else VISION_MODULES,
-        modules_to_save=[VISION_TOWER] if model_args.train_vision_tower else None,
+        exclude_modules=None if model_args.lora_include_vision else rf".*\b{family.vision_tower}\b.*",
+        modules_to_save=saved_whole,
         bias="none",
         task_type="CAUSAL_LM",
     )
 
 
-def vision_parameters(model):
-    return [p for name, p in model.named_parameters() if ".visual." in f".{name}"]
+def vision_parameters(model, family: Family | None = None):
+    """The vision tower's parameters (its projector included)."""
+    tower = (family or family_of(_unwrapped(model))).vision_tower
+    return [p for name, p in model.named_parameters() if f".{tower}." in f".{name}"]
+
+
+def projector_parameters(model, family: Family | None = None):
+    family = family or family_of(_unwrapped(model))
+    return [p for name, p in model.named_parameters()
+            if f".{family.vision_tower}." in f".{name}" and any(f".{proj}." in f".{name}" for proj in family.projectors)]
+
+
+def _unwrapped(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def prepare_for_training(model, model_args):
     """Apply the tuning method; returns the model to hand to the trainer."""
     from chartvlm.checkpoints import check_trainable_parameters_are_saved
+
+    family = family_of(model)
     if model_args.tuning == "full":
         for param in model.parameters():
             param.requires_grad_(True)
         if not model_args.train_vision_tower:
-            for param in vision_parameters(model):
+            for param in vision_parameters(model, family):
                 param.requires_grad_(False)
+            for param in projector_parameters(model, family) if model_args.train_projector else ():
+                param.requires_grad_(True)
     else:
         from peft import get_peft_model, prepare_model_for_kbit_training
 
         if model_args.tuning == "qlora":
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        model = get_peft_model(model, lora_config(model_args))
+        model = get_peft_model(model, lora_config(model_args, family))
         check_trainable_parameters_are_saved(model)
+        warn_uncovered_layers(model, family)
+        if family.moe:
+            logger.info("%s experts are fused 3-D parameters: LoRA adapts the attention layers, the experts and "
+                        "the router stay as they are", family.title)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     logger.info("tuning=%s: %s of %s parameters trainable (%.2f%%)", model_args.tuning, f"{trainable:,}",
                 f"{total:,}", 100 * trainable / max(total, 1))
     return model
+
+
+def warn_uncovered_layers(model, family: Family) -> None:
+    """Say when LoRA adapts only some decoder layers: Qwen3.5's linear-attention layers (3 of every 4) have no
+    q_proj/v_proj, so the seed's targets miss most of its language model."""
+    import re
+
+    layers = set()
+    adapted = set()
+    for name, _ in model.named_modules():
+        found = re.search(r"language_model\.layers\.(\d+)\.", name + ".")
+        if found:
+            layers.add(int(found.group(1)))
+            if "lora_A" in name:
+                adapted.add(int(found.group(1)))
+    missing = sorted(layers - adapted)
+    if missing and adapted:
+        logger.warning("LoRA adapts %d of %d %s decoder layers (not %s); lora_target_modules auto adds %s",
+                       len(adapted), len(layers), family.title, ", ".join(map(str, missing[:8])) +
+                       ("..." if len(missing) > 8 else ""), ", ".join(family.lora_targets))

@@ -14,51 +14,41 @@ from chartvlm.io import make_readable
 logger = logging.getLogger(__name__)
 
 
-def _run_settings(folder: str | None) -> dict:
-    from chartvlm.config import load_run_config
-
-    return load_run_config(folder) if folder else {}
-
-
 def predict(model_path: str, images: list[str], questions: list[str], adapter: str | None = None,
-            max_new_tokens: int | None = None, batch_size: int = 8, force_adapter: bool = False) -> list[str]:
-    """Answers for (image file, question) pairs, batched, with the training prompt and pixel limits."""
-    from chartvlm.config import DataArguments, EvalArguments, ModelArguments
+            max_new_tokens: int | None = None, batch_size: int = 8, force_adapter: bool = False,
+            prompt_style: str = "chartvlm") -> list[str]:
+    """Answers for (image file, question) pairs, batched, asked as the model was trained (settings.resolve:
+    its system prompt, pixel limits and new-token limit, unless `max_new_tokens` is given)."""
+    from chartvlm.config import parse_config
     from chartvlm.errors import BadSampleError
     from chartvlm.generate import generate_answers
     from chartvlm.images import open_image
-    from chartvlm.modeling import load_model, load_processor
+    from chartvlm.modeling import load_model, load_processor, model_type
     from chartvlm.prompts import build_messages, check_user_text, control_tokens
+    from chartvlm.settings import resolve
 
-    # The run that produced the adapter/model recorded its prompt and pixels; reuse them.
-    saved = _run_settings(adapter) or _run_settings(model_path)
-    data, model_cfg, evaluation = saved.get("data", {}), saved.get("model", {}), saved.get("eval", {})
-    system = data.get("system_message", DataArguments.system_message)
-    min_pixels = model_cfg.get("min_pixels", ModelArguments.min_pixels)
-    max_pixels = model_cfg.get("max_pixels", ModelArguments.max_pixels)
-    max_new_tokens = max_new_tokens or evaluation.get("max_new_tokens", EvalArguments.max_new_tokens)
-
+    flags = ["--prompt_style", prompt_style] + (["--max_new_tokens", str(max_new_tokens)] if max_new_tokens else [])
+    asked = resolve(parse_config(flags, prog="chartvlm predict"), model_path, adapter)
+    processor = load_processor(asked.trained_folder or model_path, asked.min_pixels, asked.max_pixels)
+    family = model_type(model_path)
+    controls = control_tokens(processor.tokenizer)
     conversations = []
-    for path, question in zip(images, questions):
+    for number, (path, question) in enumerate(zip(images, questions), start=1):
         try:
             image = open_image(path, str(path))  # the decoding every other stage uses (EXIF orientation too)
+            check_user_text(question, "question", f"--question {number} ({path})", controls)
+            if asked.system_message is not None:
+                check_user_text(asked.system_message, "system message", "the trained system_message", controls)
         except BadSampleError as error:
             raise ChartVLMError(str(error)) from None
-        conversations.append(build_messages(image, question, system_message=system))
-
-    processor = load_processor(adapter or model_path, min_pixels, max_pixels)
-    controls = control_tokens(processor.tokenizer)
-    for where, (path, question) in enumerate(zip(images, questions), start=1):
-        try:
-            check_user_text(question, "question", f"--question {where} ({path})", controls)
-            check_user_text(system, "system message", "the trained system_message", controls)
-        except BadSampleError as error:
-            raise ChartVLMError(str(error)) from None
+        conversations.append(build_messages(image, asked.style.question(question, family),
+                                            system_message=asked.system_message))
     model = load_model(model_path, adapter=adapter, force_adapter=force_adapter)
     model.eval()
     answers = []
     for start in range(0, len(conversations), batch_size):
-        answers += generate_answers(model, processor, conversations[start : start + batch_size], max_new_tokens)
+        answers += generate_answers(model, processor, conversations[start : start + batch_size], asked.max_new_tokens,
+                                    style=asked.style, generation=asked.generation)
     return answers
 
 
@@ -70,7 +60,9 @@ def export_merged(adapter: str, out: str, base_model: str | None = None, force_a
     """
     import torch
 
+    from chartvlm.config import parse_config
     from chartvlm.modeling import BASE_RECORD, load_model, load_processor
+    from chartvlm.settings import resolve
 
     adapter_dir = Path(adapter)
     config_file = adapter_dir / "adapter_config.json"
@@ -85,7 +77,8 @@ def export_merged(adapter: str, out: str, base_model: str | None = None, force_a
 
     model = load_model(base, adapter=str(adapter_dir), merge_adapter=True, force_adapter=force_adapter,
                        dtype=torch.float32, device=torch.device("cpu"))
-    processor = load_processor(str(adapter_dir))
+    asked = resolve(parse_config([], prog="chartvlm export"), base, str(adapter_dir))
+    processor = load_processor(str(adapter_dir), asked.min_pixels, asked.max_pixels)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:

@@ -33,10 +33,11 @@ def main(argv: list[str]) -> int:
 
 def run(config_path: str, overrides: list[str], n_charts: int = N_CHARTS, preset: str = PRESET) -> dict:
     from chartvlm.config import parse_config
-    from chartvlm.evaluate import compare_table, evaluate_one, write_eval_report
+    from chartvlm.validate import SkippedRows
+    from chartvlm.evaluate import evaluate_one, load_test_split, write_eval_report
     from chartvlm.modelinit import init_model
+    from chartvlm.results import compare_table
     from chartvlm.synth import synthesize
-    from chartvlm.train import load_split
     from chartvlm.train import main as train_main
 
     config = parse_config(["--config", config_path, *overrides])
@@ -50,10 +51,12 @@ def run(config_path: str, overrides: list[str], n_charts: int = N_CHARTS, preset
         init_model(preset, model_dir, seed=SEED, min_pixels=config.model.min_pixels,
                    max_pixels=config.model.max_pixels)
 
-    test_data = load_split(config, config.data.test_split)
+    skipped = SkippedRows(config.data.on_bad_sample or "error")
+    test_data, in_split = load_test_split(config, skipped)
     eval_dir = Path(config.eval.eval_output_dir)
     logger.info("step 3/5: chartvlm eval --config %s   (the untrained model)", config_path)
-    before = evaluate_one(config, str(model_dir), None, eval_dir / "compare", test_data)
+    before = evaluate_one(config, str(model_dir), None, eval_dir / "compare", test_data, skipped=skipped,
+                          in_split=in_split)
 
     logger.info("step 4/5: chartvlm train --config %s", config_path)
     trained = train_main(config)
@@ -62,7 +65,8 @@ def run(config_path: str, overrides: list[str], n_charts: int = N_CHARTS, preset
     # Each quick start trains anew: answers of an earlier run's model are not this one's (their fingerprint
     # would refuse a resume), so its folder starts empty.
     shutil.rmtree(eval_dir / "model", ignore_errors=True)
-    after = evaluate_one(config, str(trained), None, eval_dir / "model", test_data)
+    after = evaluate_one(config, str(trained), None, eval_dir / "model", test_data, skipped=skipped,
+                         in_split=in_split)
 
     table = compare_table(before, after, "before (random init)", "after fine-tuning")
     atomic_write_text(eval_dir / "comparison.md", table + "\n")

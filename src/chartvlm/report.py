@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from chartvlm.io import atomic_write_bytes, atomic_write_text
-from chartvlm.metrics import SPLIT_ORDER, summarise
+from chartvlm.metrics import SPLIT_ORDER
+from chartvlm.results import EvalResult
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -28,8 +29,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 THUMBNAIL_WIDTH = 160
-# Keys of metrics.json shown in their own sections rather than in the "run" table.
-_SECTION_KEYS = ("overall", "by_split", "by_question_type", "prompt", "generation", "throughput")
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
@@ -89,11 +88,8 @@ def _fmt_value(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, default=str)
 
 
-def _with_summary(metrics: dict, predictions: list[dict]) -> dict:
-    """metrics.json normally carries summarise()'s keys; compute them if it does not."""
-    if "overall" in metrics:
-        return metrics
-    return {**summarise(predictions), **metrics}
+def _summary(result: EvalResult) -> dict:
+    return {"overall": result.overall, "by_split": result.by_split, "by_question_type": result.by_question_type}
 
 
 def _accuracy_rows(summary: dict) -> list[tuple[str, dict | None]]:
@@ -334,45 +330,39 @@ def _prompt_html(prompt: Any) -> str:
     return f"<pre>{_esc(text)}</pre>"
 
 
-def _settings_html(metrics: dict, base_metrics: dict | None) -> str:
-    parts = ["<h2>Run</h2>"]
-    run_items = {key: value for key, value in metrics.items() if key not in _SECTION_KEYS}
-    if base_metrics is not None and base_metrics.get("model") is not None:
-        run_items["base model"] = base_metrics["model"]
-    parts.append(_key_value_table(run_items) if run_items else "<p class='muted'>(no run details recorded)</p>")
-    throughput = metrics.get("throughput")
-    if throughput is not None:
-        parts.append("<h2>Throughput</h2>")
-        parts.append(
-            _key_value_table(throughput) if isinstance(throughput, dict) else f"<p>{_esc(_fmt_value(throughput))}</p>"
-        )
+def _run_items(result: EvalResult) -> dict:
+    q = result.questions
+    evaluated = f"{q['evaluated']:,} of {q['in_split']:,}" if q.get("in_split") else f"{q['evaluated']:,}"
+    items = {"model": result.model, "adapter": result.adapter or "(none)", "dataset": result.dataset,
+             "split": result.split, "questions": evaluated + (f" (test_subset={q['test_subset']}, seed "
+                                                               f"{q['subset_seed']})" if q.get("test_subset") else
+                                                               " (the whole split)"),
+             "bad rows": f"{q.get('skipped', 0)} left out (on_bad_sample={q.get('on_bad_sample')}), "
+                         f"{q.get('duplicated', 0)} exact duplicates kept",
+             "metric": result.metric, "prompt style": result.prompt_style,
+             "pixels": ", ".join(f"{key} {value:,}" if isinstance(value, int) else f"{key} {value}"
+                                 for key, value in result.pixels.items() if value is not None)}
+    items.update({f"digest of the {name}": value for name, value in result.fingerprint.items() if value})
+    items["chartvlm"] = result.chartvlm_version
+    return items
 
-    parts.append("<h2>Prompt</h2>")
-    parts.append(_prompt_html(metrics.get("prompt", "(not recorded)")))
-    if base_metrics is not None and base_metrics.get("prompt") != metrics.get("prompt"):
-        parts.append(
-            "<p class='warn'>The base model was evaluated with a different prompt; "
-            "the scores are not directly comparable. Base prompt:</p>"
-        )
-        parts.append(_prompt_html(base_metrics.get("prompt", "(not recorded)")))
 
-    parts.append("<h2>Generation settings</h2>")
-    generation = metrics.get("generation") or {}
-    parts.append(
-        _key_value_table(generation)
-        if isinstance(generation, dict) and generation
-        else f"<p>{_esc(_fmt_value(generation))}</p>"
-    )
-    if base_metrics is not None and base_metrics.get("generation") != metrics.get("generation"):
-        parts.append(
-            "<p class='warn'>The base model was evaluated with different generation settings. Base settings:</p>"
-        )
-        base_generation = base_metrics.get("generation") or {}
-        parts.append(
-            _key_value_table(base_generation)
-            if isinstance(base_generation, dict)
-            else f"<p>{_esc(_fmt_value(base_generation))}</p>"
-        )
+def _settings_html(result: EvalResult, base: EvalResult | None) -> str:
+    parts = ["<h2>Run</h2>", _key_value_table(_run_items(result))]
+    if base is not None:
+        parts.append(f"<p class='muted'>Compared with: {_esc(base.model)}"
+                     f"{' + ' + _esc(base.adapter) if base.adapter else ''}</p>")
+    parts += ["<h2>Throughput</h2>", _key_value_table(result.throughput)]
+    parts += ["<h2>Prompt</h2>", _prompt_html(result.prompt)]
+    if base is not None and base.prompt != result.prompt:
+        parts.append("<p class='warn'>The base model was evaluated with a different prompt; the scores are not "
+                     "directly comparable. Base prompt:</p>")
+        parts.append(_prompt_html(base.prompt))
+    parts += ["<h2>Generation settings</h2>", _key_value_table(result.generation)]
+    if base is not None and base.generation != result.generation:
+        parts.append("<p class='warn'>The base model was evaluated with different generation settings. "
+                     "Base settings:</p>")
+        parts.append(_key_value_table(base.generation))
     return "".join(parts)
 
 
@@ -400,39 +390,35 @@ def _comparison_notes(summary: dict, base: dict, predictions: list[dict], base_r
 
 def write_report(
     out_path: str | os.PathLike,
-    metrics: dict,
+    result: EvalResult,
     predictions: list[dict],
     images: Callable[[dict], PIL.Image.Image],
-    baseline: tuple[dict, list[dict]] | None = None,
+    baseline: tuple[EvalResult, list[dict]] | None = None,
     title: str = "chartvlm evaluation",
     max_rows: int = 2000,
 ) -> Path:
     """Write one self-contained HTML report of an evaluation and return its path.
 
-    `metrics` is the metrics.json dict (summarise()'s keys plus "model", "dataset", "split",
-    "generation", "prompt", "throughput"; the summary is computed from `predictions` if absent).
-    `predictions` are predictions.jsonl rows ({"id", "question", "labels", "prediction",
-    "correct", "split", "question_type", "chart_type"}); `images(row)` returns the chart as a PIL
-    image (a failure is logged and shown in place of that thumbnail). `baseline` is the
-    (metrics, predictions) pair of a base model: headline, chart and table then compare the two,
-    rows matched by "id". At most `max_rows` table rows are written; the page says how many
-    were left out. The file is written atomically.
+    `result` is the evaluation's results (metrics.json); `predictions` its predictions.jsonl rows ({"id",
+    "question", "labels", "prediction", "correct", "split", "question_type", "chart_type"}); `images(row)`
+    returns the chart as a PIL image (a failure is logged and shown in place of that thumbnail). `baseline`
+    is the (results, predictions) pair of a base model: headline, chart and table then compare the two, rows
+    matched by "id". At most `max_rows` table rows are written; the page says how many were left out. The
+    file is written atomically.
     """
-    summary = _with_summary(metrics, predictions)
+    summary = _summary(result)
     base_summary = base_rows = None
     if baseline is not None:
-        base_metrics, base_predictions = baseline
-        base_summary = _with_summary(base_metrics, base_predictions)
+        base_result, base_predictions = baseline
+        base_summary = _summary(base_result)
         base_rows = {_row_key(row, index): row for index, row in enumerate(base_predictions)}
 
     chart_uri = "data:image/png;base64," + base64.b64encode(_accuracy_chart_png(summary, base_summary)).decode("ascii")
-    subtitle = " · ".join(
-        f"{key} {_esc(_fmt_value(metrics[key]))}"
-        for key in ("model", "dataset", "split")
-        if metrics.get(key) is not None
-    )
+    subtitle = " · ".join(_esc(value) for value in (result.model, result.dataset, result.split) if value)
+    subset = result.subset_line()
     body = [
         f"<h1>{_esc(title)}</h1><p class='muted'>{subtitle}</p>",
+        f"<p class='warn'>{_esc(subset)}</p>" if subset else "",
         "<h2>Relaxed accuracy</h2>",
         _headline_html(summary, base_summary),
     ]
@@ -441,13 +427,13 @@ def write_report(
     body += [
         f"<p><img id='accuracy-chart' src='{chart_uri}' alt='accuracy by split and question type'></p>",
         _question_type_html(summary, base_summary),
-        _settings_html(metrics, baseline[0] if baseline is not None else None),
+        _settings_html(result, baseline[0] if baseline is not None else None),
         _table_html(predictions, images, base_rows, max_rows),
     ]
     page = (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
         f"<title>{_esc(title)}</title><style>{_CSS}</style></head>\n<body>\n"
-        + "\n".join(body)
+        + "\n".join(part for part in body if part)
         + f"\n<script>{_FILTER_JS}</script>\n</body></html>\n"
     )
     path = atomic_write_text(out_path, page)

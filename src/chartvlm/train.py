@@ -53,7 +53,7 @@ def resolve_optimizer(train_args) -> None:
 
 def ensure_sources_reachable(config: RunConfig) -> None:
     """Hub ids are checked in seconds, so an offline machine fails fast with a pointer to the quick start."""
-    from chartvlm.data import ensure_hub_reachable, is_local_source
+    from chartvlm.hub import ensure_hub_reachable, is_local_source
 
     if not Path(config.model.model_name_or_path).exists():
         ensure_hub_reachable(config.model.model_name_or_path, repo_type="model")
@@ -72,31 +72,30 @@ def load_split(config: RunConfig, split: str, skipped=None):
 
 
 def sequence_length(processor, system_message: str):
-    """`measure(row, width, height)` for data.validate_rows: the exact token count of a training sequence,
-    from the image size in its header (no pixel decoding)."""
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+    """`measure(row, width, height)` for data.validate_rows: the exact token count of a training sequence (as
+    collate builds it: prompt with the image's tokens, then the completion), from the image size in its
+    header (no pixel decoding)."""
+    from chartvlm.images import image_token_count
+    from chartvlm.prompts import build_messages, prompt_and_completion
 
-    from chartvlm.prompts import build_messages
-
-    merge = processor.image_processor.merge_size
-    patch = processor.image_processor.patch_size
-    size = processor.image_processor.size
+    tokenizer = processor.tokenizer
+    model = getattr(tokenizer, "name_or_path", "") or "this model"
 
     def measure(row: dict, width: int, height: int) -> int:
-        h, w = smart_resize(height, width, factor=patch * merge, min_pixels=size["shortest_edge"],
-                            max_pixels=size["longest_edge"])
-        image_tokens = (h // patch) * (w // patch) // (merge * merge)
         label = row["label"][0] if row["label"] else ""
-        text = processor.apply_chat_template(build_messages(None, row["query"], label, system_message), tokenize=False)
-        # The template holds one <|image_pad|>; the processor expands it to image_tokens.
-        return len(processor.tokenizer(text)["input_ids"]) - 1 + image_tokens
+        prompt, completion = prompt_and_completion(processor, build_messages(None, row["query"], label, system_message),
+                                                   model)
+        # The prompt holds one <|image_pad|>; the processor expands it to the image's tokens.
+        text_tokens = len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) - 1
+        return text_tokens + image_token_count(processor, width, height) + \
+            len(tokenizer(completion, add_special_tokens=False)["input_ids"])
 
     return measure
 
 
 def sequence_lengths(dataset, processor, system_message: str) -> list[int]:
     """Exact token count of each training sequence, from image headers (no pixel decoding)."""
-    from chartvlm.data import SkippedRows, validate_rows
+    from chartvlm.validate import SkippedRows, validate_rows
 
     measure = sequence_length(processor, system_message)
     return validate_rows(dataset, SkippedRows("error"), "data", measure=measure)[1]
@@ -106,7 +105,7 @@ def prepare_split(dataset, processor, config: RunConfig, skipped, split: str, dr
     """The one pass over a split before training (data.validate_rows): bad rows per on_bad_sample, exact
     duplicates dropped from the training split, and sequence lengths from the same read of each image
     header; then samples longer than max_length are dropped (listed in skipped.jsonl too)."""
-    from chartvlm.data import validate_rows
+    from chartvlm.validate import validate_rows
     from chartvlm.prompts import control_tokens
 
     name = f"{config.data.dataset} ({split})"
@@ -178,11 +177,14 @@ def skip_frozen_vision_backward(model) -> bool:
     the vision patch embedding among them: every step then back-propagates through the frozen tower and,
     checkpointed, recomputes it, for gradients nothing uses (`chartvlm bench train` recipe
     vision-no-backward). Returns whether the hook was added; the trainable weights' gradients do not change."""
+    from chartvlm.families import family_of
     from chartvlm.modeling import vision_parameters
 
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    tower = family_of(base).vision_tower
     if any(p.requires_grad for p in vision_parameters(model)):
         return False
-    visual = next((m for name, m in model.named_modules() if name.split(".")[-1] == "visual"), None)
+    visual = next((m for name, m in model.named_modules() if name.split(".")[-1] == tower), None)
     if visual is None:
         return False
 
@@ -209,6 +211,31 @@ def with_supervised_loss(trainer_class):
             return (loss, outputs) if return_outputs else loss
 
     return ChartSFTTrainer
+
+
+def build_trainer(model, processor, config: RunConfig, train_data, eval_data=None, callbacks=(),
+                  skip_vision_backward: bool = True):
+    """The model made trainable (LoRA, QLoRA or full, `modeling.prepare_for_training`) and the SFTTrainer that
+    trains it with chartvlm's collator, answer-only loss, atomic checkpoints and strict resume. `chartvlm train`
+    and `chartvlm bench train` both build their trainer here."""
+    from chartvlm.checkpoints import AtomicSFTTrainer
+    from chartvlm.collate import make_collator
+    from chartvlm.modeling import prepare_for_training
+
+    if config.model.attn_implementation != model.config._attn_implementation:  # noqa: SLF001
+        model.set_attn_implementation(config.model.attn_implementation)
+    model = prepare_for_training(model, config.model)
+    if skip_vision_backward:
+        skip_frozen_vision_backward(model)
+    return with_supervised_loss(AtomicSFTTrainer)(
+        model=model,
+        args=config.train,
+        data_collator=make_collator(processor, config.data.system_message),
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        processing_class=processor,
+        callbacks=list(callbacks),
+    )
 
 
 def log_sample_generation(model, processor, dataset, config: RunConfig, when: str) -> None:
@@ -246,14 +273,13 @@ def main(config: RunConfig | None = None) -> Path:
     import torch
     from transformers import set_seed
 
-    from chartvlm.checkpoints import AtomicSFTTrainer, discard_unfinished_saves, last_complete_checkpoint
-    from chartvlm.collate import make_collator
-    from chartvlm.data import SkippedRows
+    from chartvlm.checkpoints import discard_unfinished_saves, last_complete_checkpoint
+    from chartvlm.validate import SkippedRows
     from chartvlm.distributed import check_final_save, is_main_process
     from chartvlm.errors import BadSampleError
     from chartvlm.interrupt import InterruptCallback, TrainingInterrupted
     from chartvlm.io import ensure_writable_dir
-    from chartvlm.modeling import base_record, check_model_folder, load_model, load_processor, prepare_for_training
+    from chartvlm.modeling import base_record, check_model_folder, load_model, load_processor
     from chartvlm.prompts import check_user_text, control_tokens
 
     if config is None:
@@ -299,19 +325,8 @@ def main(config: RunConfig | None = None) -> Path:
     base = base_record(config.model.model_name_or_path, model.config.model_type) if main_process else {}
     if main_process:
         log_sample_generation(model, processor, train_data, config, "before")
-    model = prepare_for_training(model, config.model)
-    skip_frozen_vision_backward(model)
-
     interrupt = InterruptCallback()
-    trainer = with_supervised_loss(AtomicSFTTrainer)(
-        model=model,
-        args=config.train,
-        data_collator=make_collator(processor, system),
-        train_dataset=train_data,
-        eval_dataset=eval_data,
-        processing_class=processor,
-        callbacks=[interrupt],
-    )
+    trainer = build_trainer(model, processor, config, train_data, eval_data, callbacks=[interrupt])
     check_final_save(trainer)
     resume_from = None
     if config.train.resume:
