@@ -1,6 +1,7 @@
 """`chartvlm bench`: the FLOP counts behind the MFU, and both benches end to end on the tiny preset."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -136,3 +137,21 @@ def test_both_benches_run_on_every_family(tmp_path, family):
     assert [r["recipe"] for r in train["recipes"]] == ["seed", "fast"]
     assert all(0 < r["mfu"] < 1 and r["samples"] == 2 for r in train["recipes"])
     assert all(r["identical_answers"] for r in evaluation["recipes"])
+
+
+@pytest.mark.slow
+def test_the_gpu_script_runs_its_steps_on_the_cpu(tmp_path):
+    """scripts/gpu_bench.sh --cpu: both benches for a Qwen2.5-VL and a Qwen3-VL preset, results where it says."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(["bash", str(root / "scripts" / "gpu_bench.sh"), "--cpu", str(tmp_path)],
+                            capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHON": sys.executable})
+    assert result.returncode == 0, result.stderr[-3000:]
+    names = sorted(re.sub(r"-\d{8}T\d{6}\.json$", "", p.name) for p in tmp_path.glob("*.json"))
+    assert names == ["eval-tiny", "eval-tiny-qwen3-vl", "train-tiny", "train-tiny-qwen3-vl"]
+    table = (tmp_path / "BENCHMARKS.md").read_text()
+    assert table.count("### bench train") == 2 and "| packed |" in table

@@ -72,10 +72,13 @@ def interrupted_then_resumed(args: list[str], monkeypatch) -> None:
 # ------------------------------------------------------------------ resume and save, every tuning mode
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("mode", list(MODES))
 def test_an_interrupted_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
-        mode, tiny_model_dir, chart_dataset_dir, tmp_path, monkeypatch):
-    common = ["--max_steps", str(STEPS), "--save_strategy", "steps", "--save_steps", "100", *MODES[mode]]
+        mode, packed, tiny_model_dir, chart_dataset_dir, tmp_path, monkeypatch):
+    # Packed: bins of at most 450 tokens (two or three samples) in rows of one bin, 4 bins per epoch.
+    packing = ["--packing", "true", "--max_length", "450", "--per_device_train_batch_size", "1"] if packed else []
+    common = ["--max_steps", str(STEPS), "--save_strategy", "steps", "--save_steps", "100", *MODES[mode], *packing]
     straight = train_main(parse_config(run_args(tiny_model_dir, chart_dataset_dir, tmp_path / "straight", *common)))
     args = run_args(tiny_model_dir, chart_dataset_dir, tmp_path / "resumed", *common)
     interrupted_then_resumed(args, monkeypatch)

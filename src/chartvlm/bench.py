@@ -58,10 +58,15 @@ TRAIN_STEPS = {
 # `fast`: the steps that won where they were measured. A data-loader worker takes a core from the model
 # on a 2-core CPU (measured: slower), so there it stops at `grouped`.
 FAST_TRAIN = {"cpu": "grouped", "cuda": "workers"}
-# GPU-only options, each added to `fast`: recipe -> (options, the package it needs).
+# `packed`: fast, padding-free (chartvlm.packing): each step one row of one bin of max_length tokens.
+PACKED_TRAIN = {"packing": True, "per_device_train_batch_size": 1}
+# GPU-only options: recipe -> (the recipe it extends, its options, the package it needs).
 TRAIN_GPU_EXTRAS = {
-    "fast+liger": ({"use_liger_kernel": True}, "liger_kernel"),
-    "fast+flash-attn": ({"attn_implementation": "flash_attention_2"}, "flash_attn"),
+    "fast+liger": ("fast", {"use_liger_kernel": True}, "liger_kernel"),  # RMSNorm, SwiGLU, M-RoPE kernels
+    # Liger's fused linear cross-entropy replaces the LM head + loss; it runs on the full-logits path only.
+    "fast+liger-flce": ("fast", {"use_liger_kernel": True, "full_logits_loss": True}, "liger_kernel"),
+    "fast+flash-attn": ("fast", {"attn_implementation": "flash_attention_2"}, "flash_attn"),
+    "packed+flash-attn": ("packed", {"attn_implementation": "flash_attention_2"}, "flash_attn"),  # varlen
 }
 
 # Evaluation recipes: the seed's one-question `text_generator` loop, then run_predictions with each change.
@@ -165,6 +170,9 @@ class Result:
 
     def row(self, peak_rate: float) -> dict:
         seconds = max(self.seconds, 1e-9)
+        mfu = self.flops / seconds / peak_rate if peak_rate else None
+        if mfu is not None and mfu > 1:  # above the highest measured matmul rate: that rate was wrong, say nothing
+            mfu = None
         return {
             "recipe": self.recipe,
             "samples": self.samples,
@@ -174,7 +182,7 @@ class Result:
             "image_tokens_per_sample": self.image_tokens / max(self.samples, 1),
             "peak_memory_mib": self.peak_memory_bytes / 2 ** 20,
             "model_tflops_per_s": self.flops / seconds / 1e12,
-            "mfu": self.flops / seconds / peak_rate if peak_rate else None,
+            "mfu": mfu,
             "settings": self.settings,
             **self.extra,
         }
@@ -210,11 +218,11 @@ def setup(args) -> Bench:
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     data = synthetic_data(args)
     started = time.perf_counter()
+    # Built where it runs, in the dtype it runs in (a 3B model's fp32 copy on the CPU would take minutes).
     model, processor = build_model_and_processor(args.preset, seed=args.seed, min_pixels=args.min_pixels,
-                                                 max_pixels=args.max_pixels)
+                                                 max_pixels=args.max_pixels, device=device, dtype=dtype)
     if args.scramble:
         scramble(model, args.seed)
-    model.to(device=device, dtype=dtype)
     logger.info("built %s (%.1fM parameters) in %.1fs on %s", args.preset, model.num_parameters() / 1e6,
                 time.perf_counter() - started, device)
     return Bench(args, device, dtype, model, processor, data)
@@ -235,7 +243,7 @@ def scramble(model, seed: int) -> None:
     with torch.no_grad():
         for param in model.parameters():
             if param.dim() >= 2:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.15)
+                param.copy_(torch.randn(param.shape, generator=generator).to(param) * 0.15)
 
 
 def synthetic_data(args):
@@ -281,18 +289,19 @@ def train_recipes(names: list[str], device, batch_size: int) -> dict[str, dict]:
         options = {**options, **{k: batch_size if v == "BATCH" else v for k, v in change.items()}}
         ladder[name] = dict(options)
     ladder["fast"] = dict(ladder[FAST_TRAIN.get(device.type, "workers")])
-    for name, (change, _) in TRAIN_GPU_EXTRAS.items():
-        ladder[name] = {**ladder["fast"], **change}
-    usable = {name for name, (_, package) in TRAIN_GPU_EXTRAS.items()
+    ladder["packed"] = {**ladder["fast"], **PACKED_TRAIN}
+    for name, (base, change, _) in TRAIN_GPU_EXTRAS.items():
+        ladder[name] = {**ladder[base], **change}
+    usable = {name for name, (_, _, package) in TRAIN_GPU_EXTRAS.items()
               if device.type == "cuda" and importlib.util.find_spec(package) is not None}
     if names == ["all"]:
-        names = [*TRAIN_STEPS, "fast", *(name for name in TRAIN_GPU_EXTRAS if name in usable)]
+        names = [*TRAIN_STEPS, "fast", "packed", *(name for name in TRAIN_GPU_EXTRAS if name in usable)]
     unknown = [n for n in names if n not in ladder]
     if unknown:
         raise ChartVLMError(f"unknown train recipe(s) {unknown}; choose from {list(ladder)} or all")
     for name in names:
         if name in TRAIN_GPU_EXTRAS and name not in usable:
-            raise ChartVLMError(f"recipe {name} needs a CUDA GPU and the {TRAIN_GPU_EXTRAS[name][1]} package")
+            raise ChartVLMError(f"recipe {name} needs a CUDA GPU and the {TRAIN_GPU_EXTRAS[name][2]} package")
     return {name: ladder[name] for name in names}
 
 
@@ -328,16 +337,27 @@ class _TrainMeter:
         self.marks: list[float] = []  # the start of training, then the end of every step
 
     def hook(self, module, args, kwargs):
+        import torch
+
         input_ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
         labels, grid = kwargs.get("labels"), kwargs.get("image_grid_thw")
         if input_ids is None or not module.training:
             return
-        lengths = mask.sum(dim=1).tolist() if mask is not None else [input_ids.shape[1]] * input_ids.shape[0]
-        supervised = (labels[:, 1:] != -100).sum(dim=1).tolist() if labels is not None else [0] * len(lengths)
+        # The supervised positions: the labels (full-logits loss) or the answer-only head's mask.
+        keep = (labels[:, 1:] != -100) if labels is not None else kwargs.get("logits_to_keep")
+        bounds = kwargs.get("cu_seq_lens_q")
+        if bounds is not None:  # a packed row: one entry per sample
+            bounds = bounds.tolist()
+            lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+            flat = keep.reshape(-1).tolist() if torch.is_tensor(keep) else []
+            supervised = [sum(flat[start:end]) for start, end in zip(bounds[:-1], bounds[1:])]
+        else:
+            lengths = mask.sum(dim=1).tolist() if mask is not None else [input_ids.shape[1]] * input_ids.shape[0]
+            supervised = keep.sum(dim=1).tolist() if torch.is_tensor(keep) else [0] * len(lengths)
         grids = [tuple(g) for g in grid.tolist()] if grid is not None else []
         flops = model_flops.train_step(self.config, grids, lengths, supervised, self.full_tuning)
-        self.batches.append((input_ids.shape[0], int(sum(lengths)),
-                             int((input_ids == self.image_token_id).sum()), flops, input_ids.numel()))
+        self.batches.append((len(lengths), int(sum(lengths)), int((input_ids == self.image_token_id).sum()), flops,
+                             input_ids.numel()))
 
     def callback(self, device):
         from transformers import TrainerCallback
@@ -414,15 +434,27 @@ def bench_train(args) -> dict:
                             "render more with --charts")
     train_data = train_data.select(range(args.samples))
     train_data = with_lengths(train_data, sequence_lengths(train_data, bench.processor, bench.system_message))
-    rate = matmul_rate(bench.device, bench.dtype)
+    rounds, rate = interleaved_rounds(bench, recipes, "train",
+                                      lambda name, work: run_train_recipe(bench, name, recipes[name], train_data, work))
+    return summarise("train", args, bench, rounds, rate)
+
+
+def interleaved_rounds(bench: Bench, recipes: dict, kind: str, run) -> tuple[dict[str, list[Result]], float]:
+    """Every recipe `--rounds` times, in alternating order, and the device's matmul rate measured before each
+    run: the peak is the highest of those measurements, so a moment when other work shared the machine cannot
+    lower it (and inflate the MFU)."""
     rounds: dict[str, list[Result]] = {name: [] for name in recipes}
+    peak = 0.0
     with tempfile.TemporaryDirectory(prefix="chartvlm-bench-") as work:
-        for round_index in range(args.rounds):
+        for round_index in range(bench.args.rounds):
             order = list(recipes) if round_index % 2 == 0 else list(reversed(recipes))
             for name in order:
-                logger.info("train recipe %s (round %d/%d)", name, round_index + 1, args.rounds)
-                rounds[name].append(run_train_recipe(bench, name, recipes[name], train_data, Path(work)))
-    return summarise("train", args, bench, rounds, rate)
+                peak = max(peak, matmul_rate(bench.device, bench.dtype, seconds=0.5))
+                logger.info("%s recipe %s (round %d/%d)", kind, name, round_index + 1, bench.args.rounds)
+                rounds[name].append(run(name, Path(work)))
+                _free(bench.device)
+    peak = max(peak, matmul_rate(bench.device, bench.dtype, seconds=0.5))
+    return rounds, peak
 
 
 # ---------------------------------------------------------------------------------------------- eval
@@ -508,15 +540,9 @@ def bench_eval(args) -> dict:
     if args.questions and args.questions < len(dataset):
         dataset = dataset.select(range(args.questions))
     shapes = _question_shapes(bench, dataset)
-    rate = matmul_rate(bench.device, bench.dtype)
-    rounds: dict[str, list[Result]] = {name: [] for name in recipes}
-    with tempfile.TemporaryDirectory(prefix="chartvlm-bench-") as work:
-        for round_index in range(args.rounds):
-            order = list(recipes) if round_index % 2 == 0 else list(reversed(recipes))
-            for name in order:
-                logger.info("eval recipe %s (round %d/%d)", name, round_index + 1, args.rounds)
-                rounds[name].append(run_eval_recipe(bench, name, recipes[name], dataset, shapes, Path(work)))
-                _free(bench.device)
+    rounds, rate = interleaved_rounds(bench, recipes, "eval",
+                                      lambda name, work: run_eval_recipe(bench, name, recipes[name], dataset, shapes,
+                                                                         work))
     reference = rounds[next(iter(rounds))][0].extra["answers"]
     for results in rounds.values():
         for result in results:
@@ -628,7 +654,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="small", help="Model preset (chartvlm model init); qwen2.5-vl-3b on GPU.")
     p.add_argument("--recipes", default="seed,fast",
                    help="Comma-separated recipes, the first is the baseline; `all` runs every step. "
-                        f"train: {', '.join(TRAIN_STEPS)}, fast (+ {', '.join(TRAIN_GPU_EXTRAS)} on GPU); "
+                        f"train: {', '.join(TRAIN_STEPS)}, fast, packed (+ {', '.join(TRAIN_GPU_EXTRAS)} on GPU); "
                         f"eval: {', '.join(EVAL_STEPS)}.")
     p.add_argument("--samples", type=int, default=64,
                    help="train: the samples of the timed epoch (the same ones for every recipe), after the warm-up.")

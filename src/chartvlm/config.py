@@ -229,6 +229,11 @@ class TrainConfig(SFTConfig):
         default_factory=lambda: {"skip_prepare_dataset": True},
         metadata={"help": "Our collator builds the batches; TRL's preparation is skipped."},
     )
+    packing: bool = field(
+        default=False,
+        metadata={"help": "Padding-free training: the samples of a step end to end in one row, packed into bins of "
+                          "max_length tokens; per_device_train_batch_size counts bins (chartvlm.packing)."},
+    )
     resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in output_dir."})
     full_logits_loss: bool = field(
         default=False,
@@ -254,6 +259,8 @@ class TrainConfig(SFTConfig):
                 raise ChartVLMError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.learning_rate < 0:
             raise ChartVLMError(f"learning_rate must not be negative, got {self.learning_rate}")
+        if self.packing and self.max_length is None:
+            raise ChartVLMError("packing needs max_length: the token budget of each packed row")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ChartVLMError(f"num_train_epochs must be positive (or set max_steps), got {self.num_train_epochs}")
         super().__post_init__()

@@ -186,11 +186,13 @@ def build_config(preset_name: str, tokenizer):
                         vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=preset.tie_word_embeddings)
 
 
-def build_model(preset_name: str, tokenizer, seed: int = 0):
-    """A randomly initialised fp32 model of `preset_name`; identical weights for the same seed.
+def build_model(preset_name: str, tokenizer, seed: int = 0, device=None, dtype=None):
+    """A randomly initialised model of `preset_name` (fp32 on the CPU unless `device`/`dtype` say otherwise:
+    built there directly, which is how the bench makes a 3B model on a GPU in seconds); identical weights for
+    the same seed and device.
 
-    The global torch RNG state is left untouched (the seed applies inside a forked RNG). Shape presets need
-    their full size in host memory (e.g. ~15 GB for qwen2.5-vl-3b in fp32)."""
+    The global torch RNG state is left untouched (the seed applies inside a forked RNG). On the CPU, shape
+    presets need their full size in host memory (e.g. ~15 GB for qwen2.5-vl-3b in fp32)."""
     import torch
     import transformers
     from transformers import GenerationConfig
@@ -198,9 +200,16 @@ def build_model(preset_name: str, tokenizer, seed: int = 0):
     preset = get_preset(preset_name)
     family = FAMILIES[preset.family]
     config = build_config(preset_name, tokenizer)
-    with torch.random.fork_rng(devices=[]):
+    device = torch.device(device or "cpu")
+    dtype = dtype or torch.float32
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
         torch.manual_seed(seed)
-        model = getattr(transformers, family.model_class)(config).to(torch.float32)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # parameters are created in `dtype`: no fp32 copy of a big model
+        try:
+            model = getattr(transformers, family.model_class)(config)
+        finally:
+            torch.set_default_dtype(default)
     pad_id, eos_id = tokenizer.convert_tokens_to_ids([family.pad_token, family.end_token])
     # As the released checkpoints' generation_config: stop on <|im_end|> or <|endoftext|>; greedy.
     model.generation_config = GenerationConfig(bos_token_id=pad_id, eos_token_id=[eos_id, pad_id],
@@ -210,12 +219,12 @@ def build_model(preset_name: str, tokenizer, seed: int = 0):
 
 
 def build_model_and_processor(preset: str = "tiny", seed: int = 0, min_pixels: int | None = None,
-                              max_pixels: int | None = None, tokenizer: str = "ours"):
+                              max_pixels: int | None = None, tokenizer: str = "ours", device=None, dtype=None):
     """Build model + processor in-process (no files, no network); deterministic per seed."""
     family = FAMILIES[get_preset(preset).family]
     built = build_tokenizer_for(preset, tokenizer)
     processor = build_processor(family, built, min_pixels=min_pixels, max_pixels=max_pixels)
-    model = build_model(preset, built, seed=seed)
+    model = build_model(preset, built, seed=seed, device=device, dtype=dtype)
     logger.info("built %s %s (%.2fM params, %s tokenizer, seed %d)", preset, family.title,
                 model.num_parameters() / 1e6, tokenizer, seed)
     return model, processor

@@ -216,26 +216,35 @@ def with_supervised_loss(trainer_class):
 def build_trainer(model, processor, config: RunConfig, train_data, eval_data=None, callbacks=(),
                   skip_vision_backward: bool = True):
     """The model made trainable (LoRA, QLoRA or full, `modeling.prepare_for_training`) and the SFTTrainer that
-    trains it with chartvlm's collator, answer-only loss, atomic checkpoints and strict resume. `chartvlm train`
+    trains it with chartvlm's collator, answer-only loss, atomic checkpoints and strict resume; with packing,
+    on padding-free packed rows (`chartvlm.packing`; `train_data` must carry the length column). `chartvlm train`
     and `chartvlm bench train` both build their trainer here."""
+    from chartvlm import packing
     from chartvlm.checkpoints import AtomicSFTTrainer
     from chartvlm.collate import make_collator
+    from chartvlm.families import family_of
     from chartvlm.modeling import prepare_for_training
 
     if config.model.attn_implementation != model.config._attn_implementation:  # noqa: SLF001
         model.set_attn_implementation(config.model.attn_implementation)
+    collator = make_collator(processor, config.data.system_message)
+    args = config.train
+    if args.packing:
+        packing.prepare_model(model, family_of(model), config.model.attn_implementation)
+        collator = packing.PackedCollator(collator, train_data, packing.rope_index_of(model))
+        train_data = packing.packed_dataset(train_data, train_data[args.length_column_name], args.max_length,
+                                            args.length_column_name)
     model = prepare_for_training(model, config.model)
     if skip_vision_backward:
         skip_frozen_vision_backward(model)
-    return with_supervised_loss(AtomicSFTTrainer)(
-        model=model,
-        args=config.train,
-        data_collator=make_collator(processor, config.data.system_message),
-        train_dataset=train_data,
-        eval_dataset=eval_data,
-        processing_class=processor,
-        callbacks=list(callbacks),
-    )
+    # TRL refuses its own packing for vision data; chartvlm packs its own way, so TRL is told there is none.
+    wanted, args.packing = args.packing, False
+    try:
+        return with_supervised_loss(AtomicSFTTrainer)(
+            model=model, args=args, data_collator=collator, train_dataset=train_data, eval_dataset=eval_data,
+            processing_class=processor, callbacks=list(callbacks))
+    finally:
+        args.packing = wanted
 
 
 def log_sample_generation(model, processor, dataset, config: RunConfig, when: str) -> None:
