@@ -23,6 +23,7 @@ quickstart: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/chartvlm bench train
 	$(VENV)/bin/chartvlm bench eval
+	$(VENV)/bin/chartvlm bench serve
 
 clean:
 	rm -rf output .cache

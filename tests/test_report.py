@@ -8,8 +8,6 @@ import dataclasses
 import io
 import os
 import re
-import shutil
-import subprocess
 
 import pytest
 from PIL import Image, ImageDraw
@@ -265,59 +263,6 @@ def test_plot_loss_curve_without_points_writes_nothing(tmp_path):
 
 
 # --- headless browser ---------------------------------------------------------------------
-
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-
-@pytest.fixture(scope="session")
-def chromium_paths() -> tuple[str, str]:
-    """(browser, driver) paths; installs Debian's chromium + chromium-driver if missing and root."""
-    pytest.importorskip("selenium", reason="selenium is not installed (pip install 'selenium>=4.20')")
-    if not os.path.exists("/usr/bin/chromium"):
-        if os.geteuid() != 0:
-            pytest.skip("/usr/bin/chromium is missing and we are not root to apt-get install chromium chromium-driver")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        for command in (["apt-get", "update"], ["apt-get", "install", "-y", "chromium", "chromium-driver"]):
-            try:
-                subprocess.run(command, check=True, capture_output=True, text=True, timeout=900, env=env)
-            except (OSError, subprocess.SubprocessError) as exc:
-                detail = getattr(exc, "stderr", "") or ""
-                pytest.skip(
-                    f"could not install chromium for the browser test ({' '.join(command)}): {exc} {detail[-500:]}"
-                )
-    driver = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-    if not os.path.exists("/usr/bin/chromium") or not os.path.exists(driver):
-        pytest.skip("chromium or chromedriver still missing after apt-get install chromium chromium-driver")
-    return "/usr/bin/chromium", driver
-
-
-@pytest.fixture()
-def browser(chromium_paths, tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    chromium, driver_path = chromium_paths
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in CHROMIUM_FLAGS:
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
-    options.add_argument("--window-size=1400,1000")
-    # An explicit driver path keeps Selenium Manager (which would go online) out of it.
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=driver_path))
-    driver.set_page_load_timeout(20)
-    yield driver
-    driver.quit()
-
 
 def test_report_renders_in_headless_chromium(tmp_path, tuned, base, browser):
     from selenium.webdriver.common.by import By

@@ -1,8 +1,9 @@
-"""`chartvlm bench train|eval`: training and evaluation recipes side by side, in one process, on the same
-synthetic charts and the same random-weight model, each after a warm-up.
+"""`chartvlm bench train|eval|serve`: training, evaluation and serving recipes side by side, in one process, on the
+same synthetic charts and the same random-weight model, each after a warm-up.
 
     chartvlm bench train [--preset small] [--recipes seed,fast] [--samples 32]
     chartvlm bench eval  [--preset small] [--recipes seed,fast] [--questions 48]
+    chartvlm bench serve [--preset tiny] [--clients 16] [--requests 64] [--batch_size 8]
 
 A recipe is a set of configuration options (train) or evaluation settings (eval); `seed` is the seed
 recipe, `fast` ours, and the ones between them add one change at a time (`--recipes all`), so each
@@ -11,6 +12,12 @@ Markdown table appended to --markdown): samples/s, real (non-pad) tokens/s, imag
 peak memory (process RSS on CPU, max_memory_allocated on GPU), achieved model TFLOP/s and the model
 FLOPs utilisation against the device's measured matmul rate (chartvlm.flops says what is counted).
 `bench eval` also checks that every recipe's answers equal the seed loop's.
+
+`bench serve` is a load test of `chartvlm serve` on loopback: two servers in this process answer with the same model,
+one a request at a time (max_batch 1) and one batching (--batch_size, --window_ms). Each request is first sent alone
+(its single-request answer, and a warm-up); then, round by round in alternating order, --clients concurrent clients
+send the --requests requests to each server (stopping at --max_seconds). Per server: requests/s, p50/p95 latency,
+errors, the mean batch the server ran, and every answer checked against the single-request one.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import copy
 import datetime
 import gc
 import importlib.util
+import json
 import logging
 import os
 import platform
@@ -552,6 +560,208 @@ def bench_eval(args) -> dict:
     return summarise("eval", args, bench, rounds, rate)
 
 
+# ---------------------------------------------------------------------------------------------- serve
+# The load test's servers: one request at a time, and batching (max_batch and window from the command line).
+SERVE_RECIPES = ("one-at-a-time", "batched")
+MAX_CLIENTS = 64
+
+
+def serve_limits(args, recipe: str):
+    from chartvlm.serve import ServeLimits
+
+    queue = max(32, 2 * args.clients)  # the load test measures speed, not refusals
+    if recipe == "one-at-a-time":
+        return ServeLimits(max_batch=1, batch_window_ms=0, queue_size=queue, max_tokens_limit=args.max_new_tokens)
+    return ServeLimits(max_batch=args.batch_size, batch_window_ms=args.window_ms, queue_size=queue,
+                       max_tokens_limit=args.max_new_tokens)
+
+
+def served_bench_model(bench: Bench):
+    """The bench's model as `chartvlm serve` serves a folder: asked with the bench's pixel limits and new tokens."""
+    from chartvlm.config import parse_config
+    from chartvlm.predict import InferenceSetup
+    from chartvlm.prompts import control_tokens
+    from chartvlm.serve import ServedModel
+    from chartvlm.settings import resolve
+
+    args = bench.args
+    flags = ["--min_pixels", str(args.min_pixels), "--max_pixels", str(args.max_pixels),
+             "--max_new_tokens", str(args.max_new_tokens)]
+    asked = resolve(parse_config(flags, prog="chartvlm bench serve"), args.preset, log=False)
+    setup = InferenceSetup(asked, bench.processor, bench.model.config.model_type,
+                           control_tokens(bench.processor.tokenizer))
+    return ServedModel(args.preset, setup, bench.model, args.preset)
+
+
+def request_bodies(bench: Bench, rows: list[dict], name: str) -> list[bytes]:
+    """One chat-completions body per row: the chart as a PNG data URI and the question, as a client sends them."""
+    from chartvlm.openai_client import chat_body, image_data_uri
+    from chartvlm.prompts import build_messages
+
+    bodies = []
+    for row in rows:
+        conversation = build_messages(row["image"], row["query"], system_message=None)
+        body = chat_body(conversation, image_data_uri(row["image"]), name, bench.args.max_new_tokens)
+        bodies.append(json.dumps(body).encode())
+    return bodies
+
+
+def run_load(url: str, bodies: list[bytes], clients: int, max_seconds: float) -> dict:
+    """`clients` threads, each with its own connection, send the next unsent body until all are sent or
+    `max_seconds` have passed. Per body: (HTTP status or the connection error's name, seconds, answer or None)."""
+    import httpx
+
+    results: list = [None] * len(bodies)
+    upcoming = iter(range(len(bodies)))
+    lock = threading.Lock()
+    deadline = time.monotonic() + max_seconds
+
+    def client() -> None:
+        with httpx.Client(base_url=url, timeout=max_seconds) as http:
+            while time.monotonic() < deadline:
+                with lock:
+                    index = next(upcoming, None)
+                if index is None:
+                    return
+                started = time.perf_counter()
+                try:
+                    response = http.post("/v1/chat/completions", content=bodies[index],
+                                         headers={"Content-Type": "application/json"})
+                    status = response.status_code
+                    answer = response.json()["choices"][0]["message"]["content"] if status == 200 else None
+                except httpx.HTTPError as error:
+                    status, answer = type(error).__name__, None
+                results[index] = (status, time.perf_counter() - started, answer)
+
+    threads = [threading.Thread(target=client, name=f"bench-client-{i}") for i in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return {"results": results, "seconds": time.perf_counter() - started}
+
+
+def load_round(recipe: str, url: str, bodies: list[bytes], reference: list[str], args) -> dict:
+    """One load run against one server, summarised; the server's batch counters give its mean batch."""
+    import httpx
+
+    before = httpx.get(url + "/health").json()
+    load = run_load(url, bodies, args.clients, args.max_seconds)
+    after = httpx.get(url + "/health").json()
+    sent = [r for r in load["results"] if r is not None]
+    answered = [r for r in sent if r[0] == 200]
+    wrong = sum(r[2] != reference[i] for i, r in enumerate(load["results"]) if r is not None and r[0] == 200)
+    latencies = sorted(r[1] for r in answered)
+    batches = after["batches"] - before["batches"]
+    errors: dict[str, int] = {}
+    for r in sent:
+        if r[0] != 200:
+            errors[str(r[0])] = errors.get(str(r[0]), 0) + 1
+    return {"recipe": recipe, "requests": len(bodies), "sent": len(sent), "answered": len(answered),
+            "errors": errors, "wrong_answers": wrong, "seconds": load["seconds"],
+            "requests_per_s": len(answered) / load["seconds"] if answered else None,
+            "p50_ms": 1000 * _percentile(latencies, 50) if latencies else None,
+            "p95_ms": 1000 * _percentile(latencies, 95) if latencies else None,
+            "mean_batch": (after["answered"] - before["answered"]) / batches if batches else None,
+            "largest_batch": after["largest_batch"]}
+
+
+def _percentile(values: list[float], percent: float) -> float:
+    """Linear interpolation between the closest ranks of sorted `values` (numpy's default)."""
+    position = (len(values) - 1) * percent / 100
+    low = int(position)
+    high = min(low + 1, len(values) - 1)
+    return values[low] + (values[high] - values[low]) * (position - low)
+
+
+def bench_serve(args) -> dict:
+    import httpx
+
+    from chartvlm.serve import ServerThread, create_app
+
+    if not 1 <= args.clients <= MAX_CLIENTS:
+        raise ChartVLMError(f"--clients must be from 1 to {MAX_CLIENTS}, got {args.clients}")
+    bench = setup(args)
+    bench.model.eval()
+    dataset = bench.data["test"]
+    rows = [dataset[i % len(dataset)] for i in range(args.requests)]  # a question asked twice must get one answer
+    served = served_bench_model(bench)
+    bodies = request_bodies(bench, rows, served.name)
+    rounds: dict[str, list[dict]] = {name: [] for name in SERVE_RECIPES}
+    with contextlib.ExitStack() as stack:
+        urls = {name: stack.enter_context(ServerThread(create_app(served, serve_limits(args, name)))).url
+                for name in SERVE_RECIPES}
+        # Each request alone: its single-request answer (and the warm-up).
+        reference = []
+        with httpx.Client(base_url=urls["one-at-a-time"], timeout=args.max_seconds) as http:
+            for number, body in enumerate(bodies):
+                response = http.post("/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+                if response.status_code != 200:
+                    raise ChartVLMError(f"request {number} alone got HTTP {response.status_code}: {response.text[:300]}")
+                reference.append(response.json()["choices"][0]["message"]["content"])
+        for round_index in range(args.rounds):
+            order = SERVE_RECIPES if round_index % 2 == 0 else tuple(reversed(SERVE_RECIPES))
+            for name in order:
+                logger.info("serve recipe %s (round %d/%d): %d clients, %d requests", name, round_index + 1,
+                            args.rounds, args.clients, args.requests)
+                rounds[name].append(load_round(name, urls[name], bodies, reference, args))
+    rows_out = []
+    for name, results in rounds.items():
+        # The fastest round, as for train and eval (other processes only slow a run down); the rounds' errors and
+        # wrong answers are summed, so none is hidden by the choice.
+        best = max(results, key=lambda r: r["requests_per_s"] or 0.0)
+        best = {**best, "rounds_requests_per_s": [r["requests_per_s"] for r in results],
+                "all_rounds_wrong_answers": sum(r["wrong_answers"] for r in results),
+                "all_rounds_errors": sum(sum(r["errors"].values()) + r["requests"] - r["sent"] for r in results),
+                "max_batch": serve_limits(args, name).max_batch}
+        rows_out.append(best)
+    base = rows_out[0]["requests_per_s"]
+    for row in rows_out:
+        row["speedup"] = row["requests_per_s"] / base if base and row["requests_per_s"] else None
+    return {"kind": "serve", "command": "chartvlm bench " + " ".join(["serve", *args.argv]),
+            "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(bench.device),
+            "preset": args.preset, "dtype": str(bench.dtype).replace("torch.", ""),
+            "data": {"charts": args.charts, "questions_per_chart": args.questions_per_chart,
+                     "image_size": args.image_size or default_image_size(args.preset) or "ChartQA-like 400-800 x 300-600",
+                     "scrambled_weights": args.scramble},
+            "clients": args.clients, "requests": args.requests, "max_new_tokens": args.max_new_tokens,
+            "window_ms": args.window_ms, "rounds": args.rounds, "recipes": rows_out}
+
+
+def serve_markdown(summary: dict) -> str:
+    m = summary["machine"]
+    where = (f"{m.get('gpu') or m['cpu']}, {m['cores']} cores, {m['threads']} torch threads, torch {m['torch']}, "
+             f"load average {m['load_average_1min']} at the end")
+    rows = summary["recipes"]
+    lines = [
+        f"### bench serve: {summary['preset']} preset, {summary['date'][:10]}",
+        "",
+        f"`{summary['command']}` on {where}; {summary['dtype']}; {summary['clients']} concurrent clients, "
+        f"{summary['requests']} requests per round, at most {summary['max_new_tokens']} new tokens; "
+        f"{_describe_data(summary['data'])}. Clients and servers share one process, on loopback.",
+        "",
+        f"| server | max batch | requests/s | p50 ms | p95 ms | mean batch | errors | wrong answers | "
+        f"vs {rows[0]['recipe']} |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['recipe']} | {r['max_batch']} | {_shown(r['requests_per_s'], '{:.2f}')} "
+                     f"| {_shown(r['p50_ms'], '{:.0f}')} | {_shown(r['p95_ms'], '{:.0f}')} "
+                     f"| {_shown(r['mean_batch'], '{:.1f}')} | {r['all_rounds_errors']} "
+                     f"| {r['all_rounds_wrong_answers']} | {_shown(r['speedup'], '{:.2f}x')} |")
+    if summary.get("rounds", 1) > 1:
+        lines += ["", f"Fastest of {summary['rounds']} rounds (servers in alternating order); requests/s per round: "
+                  + "; ".join(f"{r['recipe']} {', '.join(_shown(v, '{:.2f}') for v in r['rounds_requests_per_s'])}"
+                              for r in rows) + ". Errors and wrong answers: all rounds together."]
+    return "\n".join(lines) + "\n"
+
+
+def _shown(value, form: str) -> str:
+    """A measured value in `form`, or n/a when nothing was measured (never a made-up figure)."""
+    return form.format(value) if value is not None else "n/a"
+
+
 # ---------------------------------------------------------------------------------------------- output
 def summarise(kind: str, args, bench: Bench, rounds: dict[str, list[Result]], rate: float) -> dict:
     """One row per recipe, its fastest round (other processes only ever slow a run down, as with timeit's
@@ -582,6 +792,8 @@ def summarise(kind: str, args, bench: Bench, rounds: dict[str, list[Result]], ra
 
 
 def markdown(summary: dict) -> str:
+    if summary["kind"] == "serve":
+        return serve_markdown(summary)
     m = summary["machine"]
     where = (f"{m.get('gpu') or m['cpu']}, {m['cores']} cores, {m['threads']} torch threads, torch {m['torch']}, "
              f"load average {m['load_average_1min']} at the end")
@@ -650,7 +862,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="chartvlm bench", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kind", choices=["train", "eval"])
+    p.add_argument("kind", choices=["train", "eval", "serve"])
     p.add_argument("--preset", default="small", help="Model preset (chartvlm model init); qwen2.5-vl-3b on GPU.")
     p.add_argument("--recipes", default="seed,fast",
                    help="Comma-separated recipes, the first is the baseline; `all` runs every step. "
@@ -661,9 +873,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup_steps", type=int, default=1, help="train: untimed optimizer steps first.")
     p.add_argument("--train_batch_size", type=int, default=8, help="train: batch size from the `batched` recipe on.")
     p.add_argument("--questions", type=int, default=48, help="eval: questions answered per recipe (0 = all).")
-    p.add_argument("--batch_size", type=int, default=8, help="eval: questions per generation batch.")
+    p.add_argument("--batch_size", type=int, default=8,
+                   help="eval: questions per generation batch; serve: the batching server's max_batch.")
     p.add_argument("--max_new_tokens", type=int, default=16,
-                   help="eval: new-token limit, the same for every recipe (lmms-eval uses 16 for ChartQA).")
+                   help="eval, serve: new-token limit, the same for every recipe (lmms-eval uses 16 for ChartQA).")
+    p.add_argument("--clients", type=int, default=16, help=f"serve: concurrent clients (at most {MAX_CLIENTS}).")
+    p.add_argument("--requests", type=int, default=64, help="serve: requests per round (test questions, cycled).")
+    p.add_argument("--window_ms", type=float, default=10.0, help="serve: the batching server's batch_window_ms.")
+    p.add_argument("--max_seconds", type=float, default=300.0,
+                   help="serve: a round's clients stop sending after this many seconds (unsent requests count as "
+                        "errors).")
     p.add_argument("--charts", type=int, default=80, help="Synthetic charts to render (half train, half test).")
     p.add_argument("--questions_per_chart", type=int, default=2,
                    help="Questions per chart (ChartQA: ~1.5 in train, ~1.7 in test).")
@@ -693,9 +912,9 @@ def main(argv: list[str]) -> int:
         from chartvlm.modelinit import get_preset
 
         args.scramble = not get_preset(args.preset).published
-    if args.samples < 1 or args.warmup_steps < 1 or args.rounds < 1 or args.batch_size < 1:
-        raise ChartVLMError("--samples, --warmup_steps, --rounds and --batch_size must be at least 1")
-    summary = bench_train(args) if args.kind == "train" else bench_eval(args)
+    if args.samples < 1 or args.warmup_steps < 1 or args.rounds < 1 or args.batch_size < 1 or args.requests < 1:
+        raise ChartVLMError("--samples, --warmup_steps, --rounds, --batch_size and --requests must be at least 1")
+    summary = {"train": bench_train, "eval": bench_eval, "serve": bench_serve}[args.kind](args)
     json_path, md_path = write_outputs(summary, args.out, args.markdown or None)
     print(markdown(summary))
     print(f"saved {json_path}" + (f", appended to {md_path}" if md_path else ""))

@@ -4,10 +4,11 @@
     chartvlm eval      [--config FILE] [--option value ...]   score a model on ChartQA-style data
     chartvlm predict   --model DIR [--adapter DIR] --image PNG --question TEXT [...]
     chartvlm export    --adapter DIR --out DIR                merge LoRA into a standalone model
+    chartvlm serve     --model DIR [--adapter DIR] [--host H] [--port P]   OpenAI-compatible chart-QA server
     chartvlm data synth --n N --out DIR [--seed S]           render synthetic ChartQA-style charts
     chartvlm model init --preset NAME --out DIR               build a randomly initialised Qwen VL model
     chartvlm quickstart [--config configs/quickstart.yaml]    the offline end-to-end demo
-    chartvlm bench {train,eval}                               side-by-side speed measurements
+    chartvlm bench {train,eval,serve}                         side-by-side speed measurements
 
 Options of train/eval are the fields of chartvlm.config (run `chartvlm train --help`).
 """
@@ -96,6 +97,19 @@ def cmd_export(argv: list[str]) -> int:
     return 0
 
 
+def cmd_serve(argv: list[str]) -> int:
+    from transformers import HfArgumentParser
+
+    from chartvlm.serve import ServeLimits, ServerArguments, run_server
+
+    parser = HfArgumentParser((ServerArguments, ServeLimits), prog="chartvlm serve", allow_abbrev=False,
+                              description="Serve a model's answers about charts over an OpenAI-compatible API "
+                                          "(POST /v1/chat/completions), with a page to try it at /.")
+    arguments, limits = parser.parse_args_into_dataclasses(argv)
+    run_server(arguments, limits)
+    return 0
+
+
 def cmd_data(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="chartvlm data", description="Data tools.", allow_abbrev=False)
     sub = parser.add_subparsers(dest="action", required=True)
@@ -160,6 +174,7 @@ COMMANDS = {
     "eval": cmd_eval,
     "predict": cmd_predict,
     "export": cmd_export,
+    "serve": cmd_serve,
     "data": cmd_data,
     "model": cmd_model,
     "quickstart": cmd_quickstart,

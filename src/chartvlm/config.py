@@ -30,6 +30,8 @@ CONFIG_FILENAME = "chartvlm_config.yaml"
 PIXELS_PER_TOKEN = 28 * 28
 DEFAULT_MIN_PIXELS = 4 * PIXELS_PER_TOKEN
 DEFAULT_MAX_PIXELS = 1280 * PIXELS_PER_TOKEN
+# How `chartvlm eval` gets its answers: generated here, or asked of an OpenAI-compatible server.
+BACKENDS = ("inprocess", "openai")
 
 
 @dataclass
@@ -173,6 +175,32 @@ class EvalArguments:
     )
     eval_output_dir: str = field(default="output/eval", metadata={"help": "Where predictions and metrics go."})
     report: bool = field(default=True, metadata={"help": "Write report.html next to metrics.json."})
+    backend: str = field(
+        default="inprocess",
+        metadata={"help": "inprocess (load the model and generate here) | openai (ask an OpenAI-compatible server: "
+                          "chartvlm serve, vllm serve, SGLang; model_name_or_path then only gives the processor and "
+                          "the trained settings, no weights are loaded).", "choices": list(BACKENDS)},
+    )
+    base_url: str | None = field(
+        default=None,
+        metadata={"help": "backend openai: the server's address, e.g. http://127.0.0.1:8000 (or .../v1)."},
+    )
+    served_model: str | None = field(
+        default=None,
+        metadata={"help": "backend openai: the model name to ask for (default: the only one the server lists in "
+                          "/v1/models)."},
+    )
+    request_concurrency: int = field(
+        default=8, metadata={"help": "backend openai: requests in flight at once (the server batches them)."}
+    )
+    request_timeout: float = field(
+        default=300.0, metadata={"help": "backend openai: seconds one request may take, per try."}
+    )
+    request_retries: int = field(
+        default=5,
+        metadata={"help": "backend openai: tries after the first for 429, 5xx and connection errors, with "
+                          "exponential backoff (a Retry-After header is honoured)."},
+    )
 
     def __post_init__(self):
         if self.prompt_style not in ("chartvlm", "lmms-eval", "vlmevalkit"):
@@ -180,9 +208,18 @@ class EvalArguments:
         if self.generation_config not in (None, "chartvlm", "checkpoint", "checkpoint-greedy"):
             raise ChartVLMError("generation_config must be chartvlm, checkpoint or checkpoint-greedy, got "
                                 f"{self.generation_config!r}")
-        for name in ("max_new_tokens", "eval_max_new_tokens", "eval_batch_size"):
+        for name in ("max_new_tokens", "eval_max_new_tokens", "eval_batch_size", "request_concurrency"):
             if getattr(self, name) < 1:
                 raise ChartVLMError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.backend not in BACKENDS:
+            raise ChartVLMError(f"backend must be {' or '.join(BACKENDS)}, got {self.backend!r}")
+        if self.backend == "openai" and not self.base_url:
+            raise ChartVLMError("backend openai needs --base_url, the server's address (e.g. http://127.0.0.1:8000)")
+        if self.base_url and not re.match(r"^https?://[^/\s]+", self.base_url):
+            raise ChartVLMError(f"base_url must be an http:// or https:// address, got {self.base_url!r}")
+        if self.request_timeout <= 0 or self.request_retries < 0:
+            raise ChartVLMError("request_timeout must be positive and request_retries at least 0, got "
+                                f"{self.request_timeout} and {self.request_retries}")
 
 
 @dataclass

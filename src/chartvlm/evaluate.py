@@ -59,10 +59,20 @@ class EvalSettings:
     adapter_digest: str | None = None
     dataset_digest: str | None = None
     batch_size: int = 8
+    # Where the answers come from: generated here, or asked of an OpenAI-compatible server (openai_client).
+    backend: str = "inprocess"
+    base_url: str | None = None
+    served_model: str | None = None
+    request_concurrency: int | None = None
 
     def fingerprint(self) -> dict:
-        # Batch size changes speed, not answers (batched greedy == one-at-a-time), so it may differ on resume.
-        return {key: value for key, value in asdict(self).items() if key != "batch_size"}
+        # Batch size and concurrency change speed, not answers (batched greedy == one-at-a-time), so they may differ
+        # on resume. The backend is part of the run, so a resume never mixes two; in-process runs leave its keys
+        # out, so their run.json stays the one earlier versions wrote.
+        speed = {"batch_size", "request_concurrency"}
+        if self.backend == "inprocess":
+            speed |= {"backend", "base_url", "served_model"}
+        return {key: value for key, value in asdict(self).items() if key not in speed}
 
     def messages(self, row: dict) -> list[dict]:
         """The conversation one question is asked with (prompts.build_messages, in the prompt style)."""
@@ -101,7 +111,7 @@ def _check_or_write_fingerprint(out: Path, settings: EvalSettings, resume: bool)
         if not resume:
             raise ChartVLMError(f"{out} already holds an evaluation; pass resume (default) or use a new folder")
         if found != expected:
-            changed = sorted(k for k in expected if found.get(k) != expected[k])
+            changed = sorted(k for k in expected.keys() | found.keys() if found.get(k) != expected.get(k))
             raise ChartVLMError(f"{out} holds predictions from a different run (changed: {', '.join(changed)}); "
                                 "use a new eval_output_dir or delete that folder")
     atomic_write_json(run_file, expected)
@@ -319,8 +329,12 @@ def write_result(out: Path, settings: EvalSettings, questions_timed: int, second
         by_question_type=summary["by_question_type"], prompt_style=settings.prompt_style,
         system_message=settings.system_message, prompt=settings.prompt,
         pixels={"min": settings.min_pixels, "max": settings.max_pixels, "pre_resize": style.pre_resize},
-        generation={**(settings.generation or {}), "mode": settings.generation_mode, "padding_side": "left",
-                    "batch_size": settings.batch_size},
+        generation={**(settings.generation or {}), "mode": settings.generation_mode,
+                    **({"padding_side": "left", "batch_size": settings.batch_size} if settings.backend == "inprocess"
+                       else {})},
+        backend={"name": settings.backend} if settings.backend == "inprocess" else {
+            "name": settings.backend, "base_url": settings.base_url, "served_model": settings.served_model,
+            "request_concurrency": settings.request_concurrency},
         fingerprint={"model": settings.model_digest, "adapter": settings.adapter_digest,
                      "questions": settings.dataset_digest},
         throughput={"questions": questions_timed, "seconds": round(seconds, 3),
@@ -437,9 +451,12 @@ def load_test_split(config, skipped, controls: tuple[str, ...] = ()):
 def evaluate_one(config, model_path: str, adapter: str | None, out_dir: Path, dataset, progress: bool = True,
                  skipped=None, in_split: int | None = None) -> EvalResult:
     """Load one model (+ adapter), score `dataset`, write predictions and metrics (the report comes later).
-    `skipped`: the data.SkippedRows of the pass that checked `dataset`, recorded in the settings."""
-    from chartvlm.fingerprint import dataset_digest, model_digest
-    from chartvlm.generate import generation_config, generation_record
+    `skipped`: the data.SkippedRows of the pass that checked `dataset`, recorded in the settings.
+    With backend openai the answers come from a server instead (openai_client.evaluate_through_server)."""
+    if config.eval.backend == "openai":
+        from chartvlm.openai_client import evaluate_through_server
+
+        return evaluate_through_server(config, model_path, adapter, out_dir, dataset, progress, skipped, in_split)
     from chartvlm.modeling import load_model, load_processor
     from chartvlm.settings import resolve
 
@@ -448,9 +465,25 @@ def evaluate_one(config, model_path: str, adapter: str | None, out_dir: Path, da
     model = load_model(model_path, adapter=adapter, attn_implementation=config.model.attn_implementation,
                        force_adapter=config.eval.force_adapter)
     model.eval()
+    settings = eval_settings(config, asked, model_path, adapter, model.config.model_type, processor, dataset, skipped,
+                             in_split, model)
+    logger.info("evaluating %s%s on %s/%s (%d questions, prompt style %s) -> %s", model_path,
+                f" + {adapter}" if adapter else "", config.data.dataset, config.data.test_split, len(dataset),
+                settings.prompt_style, out_dir)
+    return sharded_predictions(model, processor, dataset, out_dir, settings, progress=progress)
+
+
+def eval_settings(config, asked, model_path: str, adapter: str | None, family: str | None, processor, dataset,
+                  skipped=None, in_split: int | None = None, model=None) -> EvalSettings:
+    """The EvalSettings of one evaluation, whichever backend answers: `asked` (settings.resolve), the question
+    set, content digests, the exact prompt and every generation setting. `model` is needed for the generation
+    modes that read the checkpoint's generation_config.json, not for chartvlm's explicit greedy decoding."""
+    from chartvlm.fingerprint import dataset_digest, model_digest
+    from chartvlm.generate import generation_config, generation_record
+
     settings = EvalSettings(
         model=model_path, adapter=adapter, dataset=config.data.dataset, split=config.data.test_split,
-        test_subset=config.data.test_subset, subset_seed=config.data.subset_seed, family=model.config.model_type,
+        test_subset=config.data.test_subset, subset_seed=config.data.subset_seed, family=family,
         prompt_style=asked.style.name, system_message=asked.system_message, min_pixels=asked.min_pixels,
         max_pixels=asked.max_pixels, max_new_tokens=asked.eval_max_new_tokens, generation_mode=asked.generation,
         metric=config.eval.metric, batch_size=config.eval.eval_batch_size,
@@ -463,10 +496,7 @@ def evaluate_one(config, model_path: str, adapter: str | None, out_dir: Path, da
     settings.prompt = prompt_text(processor, settings)
     settings.generation = generation_record(generation_config(model, processor, settings.max_new_tokens,
                                                               settings.generation_mode))
-    logger.info("evaluating %s%s on %s/%s (%d questions, prompt style %s) -> %s", model_path,
-                f" + {adapter}" if adapter else "", config.data.dataset, config.data.test_split, len(dataset),
-                settings.prompt_style, out_dir)
-    return sharded_predictions(model, processor, dataset, out_dir, settings, progress=progress)
+    return settings
 
 
 def run_eval(config, progress: bool = True) -> dict:
@@ -482,6 +512,10 @@ def run_eval(config, progress: bool = True) -> dict:
     main = is_main_process()
     model_path = config.model.model_name_or_path
     comparing = bool(config.eval.compare_model or config.eval.compare_adapter)
+    if config.eval.backend == "openai":
+        from chartvlm.openai_client import check_backend_config
+
+        check_backend_config(config, comparing)
     models = [(model_path, config.eval.adapter)]
     if comparing:
         models.append((config.eval.compare_model or model_path, config.eval.compare_adapter))

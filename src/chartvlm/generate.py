@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import itertools
+from dataclasses import dataclass
 
 import torch
 
@@ -156,7 +157,44 @@ def _image_output(output_type, features: list[tuple]):
     return output_type(pooler_output=pooler, deepstack_features=deepstack)
 
 
+@dataclass(frozen=True)
+class Completion:
+    """One generated answer and what the server reports about it (OpenAI's usage and finish_reason)."""
+
+    answer: str             # the decoded text after any reasoning block, stripped (prompts.extract_answer)
+    prompt_tokens: int      # the prompt's real (non-padding) tokens, image tokens included
+    completion_tokens: int  # new tokens up to and including <|im_end|>
+    stopped: bool           # ended with <|im_end|> (False: it reached max_new_tokens)
+
+
 @torch.inference_mode()
+def generate_completions(model, processor, conversations: list[list[dict]], max_new_tokens: int = 32,
+                         device: str | torch.device | None = None, share_vision: bool = False,
+                         vision_cache: VisionCache | None = None, inputs: dict | None = None,
+                         style: PromptStyle = PROMPT_STYLES["chartvlm"], generation: str = "chartvlm"
+                         ) -> list[Completion]:
+    """`generate_answers` with the token counts and the stop reason of each answer (what `chartvlm serve`
+    reports); the answers are the same."""
+    device = device or next(model.parameters()).device
+    inputs = (inputs if inputs is not None else generation_inputs(conversations, processor, style)).to(device)
+    prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+    if share_vision:
+        inputs = encode_images_once(model, inputs, vision_cache)
+    config = generation_config(model, processor, max_new_tokens, generation)
+    with explicit_generation(model, config):
+        output = model.generate(**inputs, generation_config=config)
+    new_tokens = output[:, inputs["input_ids"].shape[1]:]
+    texts = processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    end = processor.tokenizer.convert_tokens_to_ids(END_TOKEN)
+    completions = []
+    for text, tokens, prompt in zip(texts, new_tokens, prompt_tokens):
+        # A finished answer is followed by padding up to the batch's longest one.
+        ends = (tokens == end).nonzero()
+        count = int(ends[0, 0]) + 1 if len(ends) else int(tokens.numel())
+        completions.append(Completion(extract_answer(text), int(prompt), count, bool(len(ends))))
+    return completions
+
+
 def generate_answers(model, processor, conversations: list[list[dict]], max_new_tokens: int = 32,
                      device: str | torch.device | None = None, share_vision: bool = False,
                      vision_cache: VisionCache | None = None, inputs: dict | None = None,
@@ -167,15 +205,10 @@ def generate_answers(model, processor, conversations: list[list[dict]], max_new_
     share_vision: run the vision tower once per distinct image of the batch (and reuse `vision_cache`).
     inputs: the conversations' `generation_inputs` when already built (evaluation prepares them ahead).
     style: how images are prepared (prompts.PromptStyle); the messages are the caller's."""
-    device = device or next(model.parameters()).device
-    inputs = (inputs if inputs is not None else generation_inputs(conversations, processor, style)).to(device)
-    if share_vision:
-        inputs = encode_images_once(model, inputs, vision_cache)
-    config = generation_config(model, processor, max_new_tokens, generation)
-    with explicit_generation(model, config):
-        output = model.generate(**inputs, generation_config=config)
-    new_tokens = output[:, inputs["input_ids"].shape[1]:]
-    return [extract_answer(text) for text in processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return [completion.answer for completion in
+            generate_completions(model, processor, conversations, max_new_tokens, device=device,
+                                 share_vision=share_vision, vision_cache=vision_cache, inputs=inputs, style=style,
+                                 generation=generation)]
 
 
 def text_generator(sample_data: list[dict], processor, model, device, MAX_SEQ_LEN: int = 128) -> tuple[str, str]:

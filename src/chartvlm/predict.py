@@ -1,4 +1,5 @@
-"""Serving-side helpers: answer questions about chart files, and export a merged model."""
+"""Inference-side helpers: how a trained model is asked (shared with `chartvlm serve`), answers about chart files,
+and export of a merged model."""
 
 from __future__ import annotations
 
@@ -6,12 +7,59 @@ import json
 import logging
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from chartvlm.errors import ChartVLMError
 from chartvlm.io import make_readable
+from chartvlm.settings import InferenceSettings
 
 logger = logging.getLogger(__name__)
+
+
+# `InferenceSetup.conversation`'s system_message default: the one the model was trained with.
+TRAINED = object()
+
+
+@dataclass(frozen=True)
+class InferenceSetup:
+    """How a model is asked, without its weights: the settings it was trained with (settings.resolve), its
+    processor with the trained pixel limits, its family, and the control strings user text may not hold.
+    `chartvlm predict` and `chartvlm serve` build their conversations here, so they cannot drift apart."""
+
+    asked: InferenceSettings
+    processor: Any
+    family: str | None
+    controls: tuple[str, ...]
+
+    def conversation(self, image, question: str, where: str, system_message: Any = TRAINED) -> list[dict]:
+        """The conversation for one image and question, as predict and evaluation build it (the prompt style's
+        question, the trained system prompt unless `system_message` is given; None: no system turn). Text
+        holding a control string raises BadSampleError naming `where`."""
+        from chartvlm.prompts import build_messages, check_user_text
+
+        check_user_text(question, "question", where, self.controls)
+        trained = system_message is TRAINED
+        system = self.asked.system_message if trained else system_message
+        if system is not None:
+            check_user_text(system, "system message", "the trained system_message" if trained else where,
+                            self.controls)
+        return build_messages(image, self.asked.style.question(question, self.family), system_message=system)
+
+
+def inference_setup(model_path: str, adapter: str | None = None, flags: list[str] = (),
+                    prog: str = "chartvlm predict") -> InferenceSetup:
+    """Resolve how `model_path` (+ `adapter`) is asked (`flags` are config options, e.g. --max_new_tokens) and
+    load its processor; no weights are read."""
+    from chartvlm.config import parse_config
+    from chartvlm.modeling import load_processor, model_type
+    from chartvlm.prompts import control_tokens
+    from chartvlm.settings import resolve
+
+    asked = resolve(parse_config(list(flags), prog=prog), model_path, adapter)
+    processor = load_processor(asked.trained_folder or model_path, asked.min_pixels, asked.max_pixels)
+    return InferenceSetup(asked, processor, model_type(model_path), control_tokens(processor.tokenizer))
 
 
 def predict(model_path: str, images: list[str], questions: list[str], adapter: str | None = None,
@@ -19,36 +67,27 @@ def predict(model_path: str, images: list[str], questions: list[str], adapter: s
             prompt_style: str = "chartvlm") -> list[str]:
     """Answers for (image file, question) pairs, batched, asked as the model was trained (settings.resolve:
     its system prompt, pixel limits and new-token limit, unless `max_new_tokens` is given)."""
-    from chartvlm.config import parse_config
     from chartvlm.errors import BadSampleError
     from chartvlm.generate import generate_answers
     from chartvlm.images import open_image
-    from chartvlm.modeling import load_model, load_processor, model_type
-    from chartvlm.prompts import build_messages, check_user_text, control_tokens
-    from chartvlm.settings import resolve
+    from chartvlm.modeling import load_model
 
     flags = ["--prompt_style", prompt_style] + (["--max_new_tokens", str(max_new_tokens)] if max_new_tokens else [])
-    asked = resolve(parse_config(flags, prog="chartvlm predict"), model_path, adapter)
-    processor = load_processor(asked.trained_folder or model_path, asked.min_pixels, asked.max_pixels)
-    family = model_type(model_path)
-    controls = control_tokens(processor.tokenizer)
+    setup = inference_setup(model_path, adapter, flags)
     conversations = []
     for number, (path, question) in enumerate(zip(images, questions), start=1):
         try:
             image = open_image(path, str(path))  # the decoding every other stage uses (EXIF orientation too)
-            check_user_text(question, "question", f"--question {number} ({path})", controls)
-            if asked.system_message is not None:
-                check_user_text(asked.system_message, "system message", "the trained system_message", controls)
+            conversations.append(setup.conversation(image, question, f"--question {number} ({path})"))
         except BadSampleError as error:
             raise ChartVLMError(str(error)) from None
-        conversations.append(build_messages(image, asked.style.question(question, family),
-                                            system_message=asked.system_message))
     model = load_model(model_path, adapter=adapter, force_adapter=force_adapter)
     model.eval()
     answers = []
     for start in range(0, len(conversations), batch_size):
-        answers += generate_answers(model, processor, conversations[start : start + batch_size], asked.max_new_tokens,
-                                    style=asked.style, generation=asked.generation)
+        answers += generate_answers(model, setup.processor, conversations[start : start + batch_size],
+                                    setup.asked.max_new_tokens, style=setup.asked.style,
+                                    generation=setup.asked.generation)
     return answers
 
 

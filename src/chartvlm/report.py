@@ -342,6 +342,10 @@ def _run_items(result: EvalResult) -> dict:
              "metric": result.metric, "prompt style": result.prompt_style,
              "pixels": ", ".join(f"{key} {value:,}" if isinstance(value, int) else f"{key} {value}"
                                  for key, value in result.pixels.items() if value is not None)}
+    backend = result.backend
+    items["backend"] = "in-process" if backend.get("name") == "inprocess" else (
+        f"{backend.get('name')}: {backend.get('served_model')} at {backend.get('base_url')} "
+        f"({backend.get('request_concurrency')} requests at a time)")
     items.update({f"digest of the {name}": value for name, value in result.fingerprint.items() if value})
     items["chartvlm"] = result.chartvlm_version
     return items

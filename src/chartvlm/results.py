@@ -39,6 +39,9 @@ class EvalResult:
     chartvlm_version: str = ""
     schema: str = SCHEMA
     extra: dict = field(default_factory=dict)
+    # Where the answers came from: {"name": "inprocess"}, or the server asked (name openai, base_url, served_model,
+    # request_concurrency). Older metrics.json files have none: in-process.
+    backend: dict = field(default_factory=lambda: {"name": "inprocess"})
 
     def save(self, folder: str | Path) -> Path:
         from chartvlm.io import atomic_write_json
