@@ -114,6 +114,35 @@ def test_ddp_training_on_two_processes_splits_the_data_and_the_ranks_agree(tiny_
     assert result.stderr.count("[rank 0] chartvlm.train: sample before training") == 1
 
 
+def test_ddp_grpo_on_two_processes_keeps_the_ranks_in_step(tiny_model_dir, chart_dataset_dir, tmp_path, monkeypatch):
+    out = tmp_path / "grpo"
+    out.mkdir()
+    probe = tmp_path / "train_probe.py"
+    probe.write_text(TRAIN_PROBE)
+    # The user reward of tests/grpo_rewards.py varies across samples, so both ranks have something to learn.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    rewards = json.dumps({"grpo_rewards:distinct_characters": 1.0, "relaxed_accuracy": 1.0})
+    result = torchrun(str(probe), str(out), *run_args(tiny_model_dir, chart_dataset_dir, out, "--max_steps", "2",
+                                                      "--method", "grpo", "--num_generations", "2",
+                                                      "--max_completion_length", "6", "--rewards", rewards))
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    ranks = [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
+    assert ranks[0]["lora"].keys() == ranks[1]["lora"].keys() and ranks[0]["lora"]
+    assert all(torch.equal(ranks[0]["lora"][k], ranks[1]["lora"][k]) for k in ranks[0]["lora"])
+    assert any(v.abs().sum() > 0 for k, v in ranks[0]["lora"].items() if "lora_B" in k)
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    assert all(torch.equal(saved[k.replace(".default", "")], v) for k, v in ranks[0]["lora"].items())
+    state = json.loads((out / "trainer_state.json").read_text())
+    rewarded = [entry for entry in state["log_history"] if "reward" in entry]
+    assert [entry["step"] for entry in rewarded] == [1, 2] and all(entry["kl"] >= 0 for entry in rewarded)
+    assert (out / "reward_curves.png").exists()
+    assert ranks[0]["calls"] == {"config.save": 2, "plot_loss_curve": 1, "sample": 1}
+    assert ranks[1]["calls"] == {"config.save": 0, "plot_loss_curve": 0, "sample": 0}
+    # Sample completions are logged once, by rank 0.
+    assert result.stderr.count("chartvlm.grpo: step 2 sample") == 4
+
+
 # --------------------------------------------------------------------------------------------
 # Evaluation: shards gathered into what a single process writes
 # --------------------------------------------------------------------------------------------

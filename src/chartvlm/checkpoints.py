@@ -1,6 +1,6 @@
 """Checkpoints: written so they exist only when complete, readable by every user, and loaded strictly.
 
-- `AtomicSFTTrainer`: checkpoint-N is written under tmp-checkpoint-N/ and renamed into place when complete,
+- `AtomicSaves` (a Trainer mixin; `AtomicSFTTrainer`, grpo.ChartGRPOTrainer): checkpoint-N is written under tmp-checkpoint-N/ and renamed into place when complete,
   so a process killed mid-save never leaves a broken latest checkpoint; the final model is written under
   tmp-model/ (with everything chartvlm adds to it) and moved into the output folder file by file. A save
   that fails (a full disk) removes what it staged and says which path and why; the previous checkpoint
@@ -57,8 +57,8 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-class AtomicSFTTrainer(SFTTrainer):
-    """SFTTrainer whose saves are atomic and whose resume is strict (see the module's docstring).
+class AtomicSaves:
+    """A Trainer mixin: saves are atomic and resume is strict (see the module's docstring).
 
     `final_extras(folder)`, when set, writes what chartvlm adds to the final model folder (its run
     configuration, the loss curve, ...) into the staging folder, so they appear together with the weights."""
@@ -157,7 +157,6 @@ class AtomicSFTTrainer(SFTTrainer):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_full_checkpoint(model, folder)
 
-
     def _load_best_model(self) -> None:
         best = self.state.best_model_checkpoint
         if self.is_fsdp_enabled or self.is_deepspeed_enabled or best is None:
@@ -167,6 +166,10 @@ class AtomicSFTTrainer(SFTTrainer):
             return super()._load_best_model()
         logger.info("loading the best model from %s (score: %s)", best, self.state.best_metric)
         load_full_checkpoint(self.model, Path(best))
+
+
+class AtomicSFTTrainer(AtomicSaves, SFTTrainer):
+    """SFTTrainer with chartvlm's saves and resume."""
 
 
 def load_full_checkpoint(model, folder: Path) -> None:

@@ -1,6 +1,6 @@
 """`chartvlm` command line: one subcommand per pipeline stage.
 
-    chartvlm train     [--config FILE] [--option value ...]   fine-tune (TRL SFTTrainer + PEFT)
+    chartvlm train     [--config FILE] [--option value ...]   fine-tune (TRL SFTTrainer; GRPOTrainer: --method grpo)
     chartvlm eval      [--config FILE] [--option value ...]   score a model on ChartQA-style data
     chartvlm predict   --model DIR [--adapter DIR] --image PNG --question TEXT [...]
     chartvlm export    --adapter DIR --out DIR                merge LoRA into a standalone model

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import json
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +21,7 @@ import yaml
 from trl import SFTConfig, TrlParser
 
 from chartvlm.errors import ChartVLMError
-from chartvlm.prompts import SYSTEM_MESSAGE
+from chartvlm.prompts import REASONING_SYSTEM_MESSAGE, SYSTEM_MESSAGE
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +35,11 @@ DEFAULT_MIN_PIXELS = 4 * PIXELS_PER_TOKEN
 DEFAULT_MAX_PIXELS = 1280 * PIXELS_PER_TOKEN
 # How `chartvlm eval` gets its answers: generated here, or asked of an OpenAI-compatible server.
 BACKENDS = ("inprocess", "openai")
+# How `chartvlm train` trains: supervised fine-tuning on the labels, or GRPO with the ChartQA metric as the reward.
+METHODS = ("sft", "grpo")
+# New tokens a reasoning answer may take (<think>...</think> then the answer) when max_completion_length is not set;
+# without reasoning a completion gets eval_max_new_tokens, as evaluation does.
+REASONING_MAX_NEW_TOKENS = 1024
 
 
 @dataclass
@@ -58,6 +66,12 @@ class DataArguments:
     subset_seed: int = field(default=42, metadata={"help": "Seed that picks the subset."})
     system_message: str = field(
         default=SYSTEM_MESSAGE, metadata={"help": "System prompt used for training, evaluation and inference."}
+    )
+    reasoning: bool = field(
+        default=False,
+        metadata={"help": "Answers come after reasoning in <think>...</think>: the system prompt asks for it (unless "
+                          "system_message is set), the format reward checks it, answers are taken after the block, "
+                          "and generation gets max_completion_length new tokens (default 1024)."},
     )
     allow_outside_images: bool = field(
         default=False,
@@ -95,6 +109,12 @@ class ModelArguments:
         default="lora",
         metadata={"help": "lora | qlora (4-bit base, CUDA only) | full", "choices": ["lora", "qlora", "full"]},
     )
+    init_adapter: str | None = field(
+        default=None,
+        metadata={"help": "Continue training this LoRA adapter (an SFT run's output folder, for GRPO after SFT) "
+                          "instead of a new one; model_name_or_path must be its base. LoRA/QLoRA only: for full "
+                          "tuning merge it first (chartvlm export)."},
+    )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator."})
     lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA path."})
@@ -124,6 +144,9 @@ class ModelArguments:
         if self.tuning != "full" and self.train_vision_tower and self.lora_include_vision:
             raise ChartVLMError("train_vision_tower trains the whole vision tower (saved with the adapter) and "
                                 "lora_include_vision puts LoRA on it: choose one")
+        if self.init_adapter and self.tuning == "full":
+            raise ChartVLMError("init_adapter continues a LoRA adapter; for full tuning merge it into its base first "
+                                "(chartvlm export --adapter FOLDER --out MERGED) and train MERGED")
         if self.lora_r <= 0 or self.lora_alpha <= 0:
             raise ChartVLMError("lora_r and lora_alpha must be positive")
         if not 0 <= self.lora_dropout < 1:
@@ -226,6 +249,12 @@ class EvalArguments:
 class TrainConfig(SFTConfig):
     """SFTConfig with the seed recipe's values as defaults (every Trainer/TRL argument stays reachable)."""
 
+    method: str = field(
+        default="sft",
+        metadata={"help": "sft (supervised, on the labels) | grpo (reinforcement learning, TRL's GRPOTrainer, with "
+                          "the ChartQA metric as the reward; its options are those of the grpo section)",
+                  "choices": list(METHODS)},
+    )
     output_dir: str = field(default="output", metadata={"help": "Where checkpoints and the final model go."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the training subset."})
     per_device_train_batch_size: int = field(default=1, metadata={"help": "Batch size per device."})
@@ -280,6 +309,8 @@ class TrainConfig(SFTConfig):
     )
 
     def __post_init__(self):
+        if self.method not in METHODS:
+            raise ChartVLMError(f"method must be {' or '.join(METHODS)}, got {self.method!r}")
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:
             self.activation_checkpointing = True
         if self.activation_checkpointing_kwargs is None and self.gradient_checkpointing_kwargs is None:
@@ -302,6 +333,84 @@ class TrainConfig(SFTConfig):
             raise ChartVLMError(f"num_train_epochs must be positive (or set max_steps), got {self.num_train_epochs}")
         super().__post_init__()
 
+# The ChartQA rewards chartvlm has (chartvlm.rewards); a "module:function" entry names a user's own.
+DEFAULT_REWARDS = {"relaxed_accuracy": 1.0, "format": 0.5}
+# GRPOConfig options that are chartvlm's to set: the weights come with the rewards, and the chat template's
+# variables are the ones evaluation renders with (prompts.template_variables), so training and evaluation prompts
+# stay identical. The other two are deprecated names.
+_GRPO_OPTIONS_LEFT_OUT = {"reward_weights", "chat_template_kwargs", "vllm_importance_sampling_cap",
+                          "use_transformers_paged"}
+# GRPO defaults that differ from TRL's, with the reason in their help text.
+_GRPO_DEFAULTS = {
+    "beta": (0.04, "KL coefficient against the starting model (TRL's default: 0). chartvlm keeps DeepSeekMath's "
+                   "0.04: fine-tuning on ~28k ChartQA questions for many steps drifts otherwise, and the KL is logged."),
+    "max_completion_length": (None, "New tokens per completion. Default: eval_max_new_tokens (32: a ChartQA answer "
+                                    "is a few tokens), or 1024 with reasoning."),
+    "disable_dropout": (True, "Turn dropout off (LoRA's too) while training (TRL's default: off): the importance "
+                              "ratio and the KL compare log-probabilities of the same tokens from two forward passes, "
+                              "and dropout would make them differ by noise alone."),
+}
+
+
+@dataclass
+class RewardArguments:
+    """The GRPO rewards (chartvlm.rewards)."""
+
+    rewards: dict | str | None = field(
+        default_factory=lambda: dict(DEFAULT_REWARDS),
+        metadata={"help": "Reward name -> weight, summed into the reward GRPO maximises: relaxed_accuracy (the "
+                          "ChartQA metric of the answer, best over the labels), format (a bare answer; with reasoning "
+                          "<think>...</think> then the answer), length_penalty (DAPO's soft overlong penalty), or "
+                          "'module:function' for your own. A JSON object on the command line."},
+    )
+    length_penalty_buffer: int | None = field(
+        default=None,
+        metadata={"help": "length_penalty: the last this many tokens before max_completion_length cost 0 -> -1 "
+                          "linearly; a completion cut at the limit gets -1. Default: a quarter of the limit."},
+    )
+
+    def __post_init__(self):
+        if isinstance(self.rewards, str):
+            try:
+                self.rewards = json.loads(self.rewards)
+            except json.JSONDecodeError as error:
+                raise ChartVLMError(f"rewards must be a JSON object of name: weight, got {self.rewards!r} ({error})") \
+                    from None
+        if not isinstance(self.rewards, dict) or not self.rewards:
+            raise ChartVLMError(f"rewards must be a non-empty mapping of reward name: weight, got {self.rewards!r}")
+        for name, weight in self.rewards.items():
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                raise ChartVLMError(f"rewards: the weight of {name!r} must be a finite number, got {weight!r}")
+        if self.length_penalty_buffer is not None and self.length_penalty_buffer < 1:
+            raise ChartVLMError(f"length_penalty_buffer must be at least 1, got {self.length_penalty_buffer}")
+
+
+@functools.cache
+def grpo_arguments() -> type:
+    """The grpo section: RewardArguments and every GRPOConfig option SFTConfig lacks (num_generations, beta,
+    temperature, use_vllm, ...), with TRL's help texts and defaults but those in _GRPO_DEFAULTS. Built from TRL's
+    own dataclass, so every GRPO option stays reachable as it is for SFT."""
+    import typing
+
+    from trl import GRPOConfig
+
+    own = {f.name for f in dataclasses.fields(SFTConfig)} | _GRPO_OPTIONS_LEFT_OUT
+    types = typing.get_type_hints(GRPOConfig)
+    options = []
+    for option in dataclasses.fields(GRPOConfig):
+        if not option.init or option.name in own:
+            continue
+        metadata = dict(option.metadata)
+        if option.name in _GRPO_DEFAULTS:
+            default, metadata["help"] = _GRPO_DEFAULTS[option.name]
+            spec = field(default=default, metadata=metadata)
+        elif option.default_factory is not dataclasses.MISSING:
+            spec = field(default_factory=option.default_factory, metadata=metadata)
+        else:
+            spec = field(default=option.default, metadata=metadata)
+        options.append((option.name, types[option.name], spec))
+    return dataclasses.make_dataclass("GRPOArguments", options, bases=(RewardArguments,))
+
 
 @dataclass
 class RunConfig:
@@ -312,7 +421,12 @@ class RunConfig:
     model: ModelArguments
     eval: EvalArguments
     train: TrainConfig
+    grpo: RewardArguments = None  # a grpo_arguments() instance (train.method grpo)
     explicit: frozenset[str] = frozenset()
+
+    def __post_init__(self):
+        if self.grpo is None:
+            self.grpo = grpo_arguments()()
 
     def to_dict(self) -> dict:
         train = {k: v for k, v in self.train.to_dict().items() if not k.startswith("_")}
@@ -321,6 +435,7 @@ class RunConfig:
             "model": dataclasses.asdict(self.model),
             "eval": dataclasses.asdict(self.eval),
             "train": train,
+            "grpo": dataclasses.asdict(self.grpo),
         }
 
     def save(self, folder: str | Path) -> Path:
@@ -331,11 +446,12 @@ class RunConfig:
         return atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True))
 
 
-SECTIONS = (DataArguments, ModelArguments, EvalArguments, TrainConfig)
+def sections() -> tuple[type, ...]:
+    return DataArguments, ModelArguments, EvalArguments, TrainConfig, grpo_arguments()
 
 
 def _known_options() -> list[str]:
-    return sorted({f.name for cls in SECTIONS for f in dataclasses.fields(cls) if f.init})
+    return sorted({f.name for cls in sections() for f in dataclasses.fields(cls) if f.init})
 
 
 def _unknown_key_error(unknown: list[str], origin: str, prog: str = "chartvlm train") -> ChartVLMError:
@@ -373,7 +489,7 @@ def _flatten_yaml(config: dict, path: str) -> dict:
     """Accept both flat files and files grouped by section (data:/model:/eval:/train:), as we write them."""
     flat = {}
     for key, value in config.items():
-        if key in ("data", "model", "eval", "train") and isinstance(value, dict):
+        if key in ("data", "model", "eval", "train", "grpo") and isinstance(value, dict):
             flat.update(value)
         else:
             flat[key] = value
@@ -384,7 +500,7 @@ def parse_config(argv: list[str] | None = None, prog: str = "chartvlm") -> RunCo
     """Resolve defaults < YAML (`--config`) < flags into a RunConfig; unknown keys raise ChartVLMError."""
     argv = _attach_negative_numbers(list(argv or []))
     # No abbreviations: `--learning_rat 0.5` must be an unknown key, not a silent learning_rate.
-    parser = TrlParser(SECTIONS, prog=prog, allow_abbrev=False)
+    parser = TrlParser(sections(), prog=prog, allow_abbrev=False)
     explicit = {token[2:].split("=")[0] for token in argv if token.startswith("--") and token != "--config"}
     if "--config" in argv:
         i = argv.index("--config")
@@ -407,7 +523,7 @@ def parse_config(argv: list[str] | None = None, prog: str = "chartvlm") -> RunCo
         parser.set_defaults_with_config(**values)
         explicit |= set(values)
     try:
-        data, model, evaluation, train, rest = parser.parse_args_into_dataclasses(
+        data, model, evaluation, train, grpo, rest = parser.parse_args_into_dataclasses(
             args=argv, return_remaining_strings=True
         )
     except ValueError as exc:  # TrainingArguments' own cross-field checks
@@ -415,7 +531,32 @@ def parse_config(argv: list[str] | None = None, prog: str = "chartvlm") -> RunCo
     if rest:
         flags = [r.lstrip("-").split("=")[0] for r in rest if r.startswith("-")]
         raise _unknown_key_error(flags or rest, "the command line", prog)
-    return RunConfig(data=data, model=model, eval=evaluation, train=train, explicit=frozenset(explicit))
+    config = RunConfig(data=data, model=model, eval=evaluation, train=train, grpo=grpo, explicit=frozenset(explicit))
+    apply_reasoning_defaults(config)
+    if train.method == "grpo" and "eval_strategy" not in explicit:
+        # The seed's periodic eval loss is SFT's; GRPO's evaluation samples num_generations answers per question.
+        train.eval_strategy = "no"
+    return config
+
+
+def completion_tokens(config: RunConfig) -> int:
+    """New tokens one GRPO completion may take: max_completion_length, else what evaluation generates."""
+    if config.grpo.max_completion_length is not None:
+        return config.grpo.max_completion_length
+    return REASONING_MAX_NEW_TOKENS if config.data.reasoning else config.eval.eval_max_new_tokens
+
+
+def apply_reasoning_defaults(config: RunConfig) -> None:
+    """With reasoning, options the user left alone follow it: the reasoning system prompt, and room for the
+    reasoning in every generation (evaluation, predict, samples); a trained folder records them for later runs."""
+    if not config.data.reasoning:
+        return
+    if "system_message" not in config.explicit:
+        config.data.system_message = REASONING_SYSTEM_MESSAGE
+    room = completion_tokens(config)
+    for name in ("max_new_tokens", "eval_max_new_tokens"):
+        if name not in config.explicit:
+            setattr(config.eval, name, room)
 
 
 def load_run_config(folder: str | Path) -> dict:

@@ -64,15 +64,19 @@ class EvalSettings:
     base_url: str | None = None
     served_model: str | None = None
     request_concurrency: int | None = None
+    # The system prompt asks for reasoning in <think>...</think> before the answer, which is scored after it.
+    reasoning: bool = False
 
     def fingerprint(self) -> dict:
         # Batch size and concurrency change speed, not answers (batched greedy == one-at-a-time), so they may differ
         # on resume. The backend is part of the run, so a resume never mixes two; in-process runs leave its keys
-        # out, so their run.json stays the one earlier versions wrote.
-        speed = {"batch_size", "request_concurrency"}
+        # out, as runs without reasoning leave that one, so their run.json stays the one earlier versions wrote.
+        left_out = {"batch_size", "request_concurrency"}
         if self.backend == "inprocess":
-            speed |= {"backend", "base_url", "served_model"}
-        return {key: value for key, value in asdict(self).items() if key not in speed}
+            left_out |= {"backend", "base_url", "served_model"}
+        if not self.reasoning:
+            left_out.add("reasoning")
+        return {key: value for key, value in asdict(self).items() if key not in left_out}
 
     def messages(self, row: dict) -> list[dict]:
         """The conversation one question is asked with (prompts.build_messages, in the prompt style)."""
@@ -327,7 +331,7 @@ def write_result(out: Path, settings: EvalSettings, questions_timed: int, second
                    "on_bad_sample": settings.on_bad_sample},
         metric=settings.metric, overall=summary["overall"], by_split=summary["by_split"],
         by_question_type=summary["by_question_type"], prompt_style=settings.prompt_style,
-        system_message=settings.system_message, prompt=settings.prompt,
+        reasoning=settings.reasoning, system_message=settings.system_message, prompt=settings.prompt,
         pixels={"min": settings.min_pixels, "max": settings.max_pixels, "pre_resize": style.pre_resize},
         generation={**(settings.generation or {}), "mode": settings.generation_mode,
                     **({"padding_side": "left", "batch_size": settings.batch_size} if settings.backend == "inprocess"
@@ -492,7 +496,7 @@ def eval_settings(config, asked, model_path: str, adapter: str | None, family: s
         skipped_questions=len(skipped) if skipped is not None else 0,
         duplicated_questions=skipped.duplicates if skipped is not None else 0,
         model_digest=model_digest(model_path), adapter_digest=model_digest(adapter) if adapter else None,
-        dataset_digest=dataset_digest(dataset))
+        dataset_digest=dataset_digest(dataset), reasoning=asked.reasoning)
     settings.prompt = prompt_text(processor, settings)
     settings.generation = generation_record(generation_config(model, processor, settings.max_new_tokens,
                                                               settings.generation_mode))

@@ -209,10 +209,11 @@ def _unwrapped(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def prepare_for_training(model, model_args):
-    """Apply the tuning method; returns the model to hand to the trainer."""
-    from chartvlm.checkpoints import check_trainable_parameters_are_saved
-
+def prepare_for_training(model, model_args, new_adapter: bool = True):
+    """Apply the tuning method; returns the model to hand to the trainer. With LoRA, model_args.init_adapter is
+    continued (its own rank and targets), else a new adapter is put on; new_adapter=False leaves that to the
+    trainer (TRL's GRPOTrainer, given lora_config: it then takes the reference model by disabling the adapter),
+    which must call `check_lora_model` after."""
     family = family_of(model)
     if model_args.tuning == "full":
         for param in model.parameters():
@@ -222,22 +223,49 @@ def prepare_for_training(model, model_args):
                 param.requires_grad_(False)
             for param in projector_parameters(model, family) if model_args.train_projector else ():
                 param.requires_grad_(True)
-    else:
-        from peft import get_peft_model, prepare_model_for_kbit_training
+        log_trainable(model, model_args.tuning)
+        return model
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
-        if model_args.tuning == "qlora":
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if model_args.tuning == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if model_args.init_adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, model_args.init_adapter, is_trainable=True)
+        adapter = model.peft_config["default"]
+        saved_whole = set(adapter.modules_to_save or ())
+        asked = set(lora_config(model_args, family).modules_to_save or ())
+        if saved_whole != asked:
+            raise ChartVLMError(f"init_adapter {model_args.init_adapter} trains {sorted(saved_whole) or 'no module'} "
+                                f"whole, but train_vision_tower/train_projector ask for {sorted(asked) or 'none'}: "
+                                "set them as the adapter was trained")
+        logger.info("continuing the adapter %s (rank %s, its own targets)", model_args.init_adapter, adapter.r)
+    elif new_adapter:
         model = get_peft_model(model, lora_config(model_args, family))
-        check_trainable_parameters_are_saved(model)
-        warn_uncovered_layers(model, family)
-        if family.moe:
-            logger.info("%s experts are fused 3-D parameters: LoRA adapts the attention layers, the experts and "
-                        "the router stay as they are", family.title)
+    else:
+        return model
+    check_lora_model(model, family)
+    log_trainable(model, model_args.tuning)
+    return model
+
+
+def check_lora_model(model, family: Family) -> None:
+    """A LoRA-wrapped model: everything that trains is saved, and what LoRA leaves out is said."""
+    from chartvlm.checkpoints import check_trainable_parameters_are_saved
+
+    check_trainable_parameters_are_saved(model)
+    warn_uncovered_layers(model, family)
+    if family.moe:
+        logger.info("%s experts are fused 3-D parameters: LoRA adapts the attention layers, the experts and "
+                    "the router stay as they are", family.title)
+
+
+def log_trainable(model, tuning: str) -> None:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    logger.info("tuning=%s: %s of %s parameters trainable (%.2f%%)", model_args.tuning, f"{trainable:,}",
-                f"{total:,}", 100 * trainable / max(total, 1))
-    return model
+    logger.info("tuning=%s: %s of %s parameters trainable (%.2f%%)", tuning, f"{trainable:,}", f"{total:,}",
+                100 * trainable / max(total, 1))
 
 
 def warn_uncovered_layers(model, family: Family) -> None:

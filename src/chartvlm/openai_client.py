@@ -224,19 +224,12 @@ def check_served_settings(entry: dict, settings) -> None:
             setattr(settings, f"{name}_digest", remote)
 
 
-def template_kwargs(processor) -> dict:
-    """The chat-template variables chartvlm renders with that the template reads (prompts.render)."""
-    from chartvlm.prompts import TEMPLATE_KWARGS
-
-    template = getattr(processor, "chat_template", None) or ""
-    return {name: value for name, value in TEMPLATE_KWARGS.items() if name in template}
-
-
 def evaluate_through_server(config, model_path: str, adapter: str | None, out_dir: Path, dataset,
                             progress: bool = True, skipped=None, in_split: int | None = None):
     """evaluate.evaluate_one with the answers asked of the server at config.eval.base_url."""
     from chartvlm.evaluate import eval_settings
     from chartvlm.modeling import load_processor, model_type
+    from chartvlm.prompts import template_variables
     from chartvlm.settings import resolve
 
     asked = resolve(config, model_path, adapter)
@@ -255,7 +248,7 @@ def evaluate_through_server(config, model_path: str, adapter: str | None, out_di
         logger.info("evaluating %s at %s (settings of %s%s) on %s/%s (%d questions, %d requests at a time) -> %s",
                     settings.served_model, client.url, model_path, f" + {adapter}" if adapter else "",
                     config.data.dataset, config.data.test_split, len(dataset), settings.request_concurrency, out_dir)
-        return remote_predictions(client, processor, dataset, out_dir, settings, template_kwargs(processor),
+        return remote_predictions(client, processor, dataset, out_dir, settings, template_variables(processor),
                                   progress=progress)
     finally:
         client.close()

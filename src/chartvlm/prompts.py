@@ -23,6 +23,13 @@ SYSTEM_MESSAGE = (
     "values) and reply with only the answer: a single word, a number or a short phrase, with no "
     "explanation. Write numbers without thousands separators or units."
 )
+# With `reasoning: true` (GRPO): the reasoning comes first, in a block `extract_answer` removes.
+REASONING_SYSTEM_MESSAGE = (
+    "You answer questions about chart images. Read the chart carefully (axes, legend, labels and "
+    "values). First reason step by step inside <think> and </think>. After </think>, reply with only "
+    "the answer: a single word, a number or a short phrase, with no explanation. Write numbers "
+    "without thousands separators or units."
+)
 
 
 @dataclass(frozen=True)
@@ -113,12 +120,16 @@ def format_data(sample: dict, system_message: str = SYSTEM_MESSAGE) -> list[dict
     return build_messages(sample["image"], sample["query"], str(answer), system_message)
 
 
+def template_variables(processor) -> dict:
+    """The TEMPLATE_KWARGS the processor's chat template reads: every rendering passes exactly these."""
+    template = getattr(processor, "chat_template", None) or ""
+    return {name: value for name, value in TEMPLATE_KWARGS.items() if name in template}
+
+
 def render(processor, messages: list[dict], generation_prompt: bool = False) -> str:
     """The chat template's text for `messages` (with the assistant's generation prompt when asked)."""
-    template = getattr(processor, "chat_template", None) or ""
-    variables = {name: value for name, value in TEMPLATE_KWARGS.items() if name in template}
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
-                                         **variables)
+                                         **template_variables(processor))
 
 
 def prompt_and_completion(processor, messages: list[dict], name: str = "the model") -> tuple[str, str]:

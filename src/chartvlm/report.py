@@ -1,10 +1,10 @@
-"""Reporting: one self-contained HTML page per evaluation, and the training loss curve.
+"""Reporting: one self-contained HTML page per evaluation, and the training curves (loss; rewards for GRPO).
 
 The page needs no network: the bar chart and every thumbnail are embedded as base64 data URIs,
 styles and the "errors only" filter are inline. It shows the headline numbers (and base vs
 fine-tuned with the difference when a baseline is given), accuracy by split and by question
-type, the exact prompt and generation settings (so a score can be reproduced) and a browsable
-table of predictions.
+type, the reward curves when the evaluated model was trained with GRPO, the exact prompt and
+generation settings (so a score can be reproduced) and a browsable table of predictions.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 THUMBNAIL_WIDTH = 160
+# Written next to a GRPO run's model: its rewards, KL and completion lengths over the steps.
+REWARD_CURVES = "reward_curves.png"
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
@@ -37,7 +39,7 @@ table { border-collapse: collapse; } td, th { border: 1px solid #ddd; padding: 4
 th { background: #f4f4f4; text-align: left; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .pos { color: #1a7f37; } .neg { color: #c62828; } .muted { color: #777; font-size: 0.85em; }
 .warn { background: #fff4e5; border: 1px solid #f0b429; padding: 0.5em 1em; }
-img#accuracy-chart { max-width: 100%; height: auto; }
+img#accuracy-chart, img#reward-curves { max-width: 100%; height: auto; }
 pre { background: #f7f7f7; padding: 0.6em; white-space: pre-wrap; max-width: 60em; }
 td.mark { font-size: 1.3em; text-align: center; } tr[data-correct="1"] td.mark { color: #1a7f37; }
 tr[data-correct="0"] td.mark { color: #c62828; } .empty { color: #999; font-style: italic; }
@@ -347,6 +349,8 @@ def _run_items(result: EvalResult) -> dict:
         f"{backend.get('name')}: {backend.get('served_model')} at {backend.get('base_url')} "
         f"({backend.get('request_concurrency')} requests at a time)")
     items.update({f"digest of the {name}": value for name, value in result.fingerprint.items() if value})
+    if result.reasoning:
+        items["answers"] = "after reasoning: the text after </think> is scored"
     items["chartvlm"] = result.chartvlm_version
     return items
 
@@ -431,6 +435,7 @@ def write_report(
     body += [
         f"<p><img id='accuracy-chart' src='{chart_uri}' alt='accuracy by split and question type'></p>",
         _question_type_html(summary, base_summary),
+        _training_html(result),
         _settings_html(result, baseline[0] if baseline is not None else None),
         _table_html(predictions, images, base_rows, max_rows),
     ]
@@ -473,3 +478,79 @@ def plot_loss_curve(log_history: list[dict], out_png: str | os.PathLike) -> Path
     ax.legend()
     fig.tight_layout()
     return atomic_write_bytes(Path(out_png), _figure_png(fig))
+
+
+def _rewards_logged(log_history: list[dict]) -> list[dict]:
+    return [entry for entry in log_history if "step" in entry and "reward" in entry]
+
+
+def reward_curves_png(log_history: list[dict]) -> bytes | None:
+    """GRPO's logged rewards over the steps (`Trainer.state.log_history`): the weighted total and each reward's
+    mean with a band of one standard deviation, the KL to the starting model, and the completion lengths.
+    None when nothing was logged."""
+    entries = _rewards_logged(log_history)
+    if not entries:
+        return None
+    from matplotlib.figure import Figure
+
+    steps = [entry["step"] for entry in entries]
+    names = sorted({key.split("/")[1] for entry in entries for key in entry
+                    if key.startswith("rewards/") and key.endswith("/mean")})
+    fig = Figure(figsize=(11, 3.6))
+    rewards, kl, lengths = fig.subplots(1, 3)
+    for label, mean_key, std_key in [("total (weighted)", "reward", "reward_std"),
+                                     *((name, f"rewards/{name}/mean", f"rewards/{name}/std") for name in names)]:
+        mean = [entry.get(mean_key, float("nan")) for entry in entries]
+        std = [entry.get(std_key, 0.0) or 0.0 for entry in entries]
+        line, = rewards.plot(steps, mean, "o-" if len(steps) < 30 else "-", label=label, markersize=3)
+        rewards.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                             color=line.get_color(), alpha=0.15)
+    rewards.set_title("rewards (mean, ±1 std)")
+    rewards.legend(fontsize=8)
+    if any("kl" in entry for entry in entries):
+        kl.plot(steps, [entry.get("kl", float("nan")) for entry in entries], "-", color="tab:red")
+    kl.set_title("KL to the starting model" if any("kl" in e for e in entries) else "KL (not computed: beta 0)")
+    for key, label in (("completions/mean_length", "mean"), ("completions/max_length", "longest")):
+        lengths.plot(steps, [entry.get(key, float("nan")) for entry in entries], "-", label=label)
+    lengths.set_title("completion length (tokens)")
+    lengths.legend(fontsize=8)
+    for ax in (rewards, kl, lengths):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _figure_png(fig)
+
+
+def plot_reward_curves(log_history: list[dict], out_png: str | os.PathLike) -> Path | None:
+    """`reward_curves_png` written to `out_png` (None, nothing written, when no reward was logged)."""
+    png = reward_curves_png(log_history)
+    return None if png is None else atomic_write_bytes(Path(out_png), png)
+
+
+def trained_log_history(folder: str | None) -> list[dict] | None:
+    """The log history of the GRPO run that wrote `folder` (a trained model or adapter), else None."""
+    from chartvlm.config import load_run_config
+
+    if not folder or not Path(folder).is_dir():
+        return None
+    if load_run_config(folder).get("train", {}).get("method") != "grpo":
+        return None
+    try:
+        return json.loads((Path(folder) / "trainer_state.json").read_text(encoding="utf-8"))["log_history"]
+    except (OSError, ValueError, KeyError):
+        logger.warning("report: %s has no readable trainer_state.json; no reward curves", folder)
+        return None
+
+
+def _training_html(result: EvalResult) -> str:
+    """The reward curves of the GRPO run that trained the evaluated adapter or model, if it was one."""
+    folder = result.adapter or result.model
+    history = trained_log_history(folder)
+    png = reward_curves_png(history) if history else None
+    if png is None:
+        return ""
+    uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+    last = _rewards_logged(history)[-1]
+    return (f"<h2>GRPO training</h2><p class='muted'>{_esc(folder)}: {len(_rewards_logged(history))} logged steps, "
+            f"last mean reward {last['reward']:.3f}</p>"
+            f"<p><img id='reward-curves' src='{uri}' alt='GRPO rewards, KL and completion lengths'></p>")

@@ -42,6 +42,8 @@ class EvalResult:
     # Where the answers came from: {"name": "inprocess"}, or the server asked (name openai, base_url, served_model,
     # request_concurrency). Older metrics.json files have none: in-process.
     backend: dict = field(default_factory=lambda: {"name": "inprocess"})
+    # The prompt asked for reasoning in <think>...</think>; the answer scored is the text after it.
+    reasoning: bool = False
 
     def save(self, folder: str | Path) -> Path:
         from chartvlm.io import atomic_write_json

@@ -19,8 +19,8 @@ from chartvlm.prompts import PromptStyle, prompt_style
 logger = logging.getLogger(__name__)
 
 # (section, option) a trained folder carries into inference.
-INHERITED = (("data", "system_message"), ("model", "min_pixels"), ("model", "max_pixels"),
-             ("eval", "max_new_tokens"), ("eval", "eval_max_new_tokens"))
+INHERITED = (("data", "system_message"), ("data", "reasoning"), ("model", "min_pixels"),
+             ("model", "max_pixels"), ("eval", "max_new_tokens"), ("eval", "eval_max_new_tokens"))
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class InferenceSettings:
     eval_max_new_tokens: int        # evaluation
     generation: str                 # generate.generation_config's mode
     trained_folder: str | None      # where inherited values came from
+    reasoning: bool = False         # the system prompt asks for <think>...</think> before the answer
 
 
 def resolve(config, model_path: str, adapter: str | None = None, log: bool = True) -> InferenceSettings:
@@ -80,7 +81,7 @@ def resolve(config, model_path: str, adapter: str | None = None, log: bool = Tru
                              min_pixels=values["min_pixels"], max_pixels=values["max_pixels"],
                              max_new_tokens=values["max_new_tokens"],
                              eval_max_new_tokens=values["eval_max_new_tokens"], generation=generation,
-                             trained_folder=folder)
+                             trained_folder=folder, reasoning=bool(values["reasoning"]) and style.system)
 
 
 def saved_value(saved: dict, name: str):

@@ -1,4 +1,5 @@
-"""Supervised fine-tuning with TRL's SFTTrainer: data -> model -> LoRA/full -> train -> save.
+"""Fine-tuning: data -> model -> LoRA/full -> train -> save, with TRL's SFTTrainer (method sft, the default) or
+its GRPOTrainer (method grpo, `chartvlm.grpo`).
 
 `main(config)` is the whole run, top to bottom; `chartvlm train` and the seed's `main.py` call it.
 """
@@ -9,7 +10,7 @@ import logging
 import math
 from pathlib import Path
 
-from chartvlm.config import RunConfig
+from chartvlm.config import RunConfig, completion_tokens
 from chartvlm.errors import ChartVLMError
 
 logger = logging.getLogger(__name__)
@@ -25,6 +26,13 @@ def check_config(config: RunConfig) -> None:
         raise ChartVLMError("per_device_train_batch_size must be >= 1")
     if config.train.remove_unused_columns:
         raise ChartVLMError("remove_unused_columns must be false: the collator builds batches from the raw rows")
+    if config.train.method == "grpo" and config.train.packing:
+        raise ChartVLMError("packing is for method sft: GRPO generates its completions, there is nothing to pack")
+    if config.train.method == "sft" and config.data.reasoning:
+        raise ChartVLMError("reasoning: true trains with method grpo: the labels hold no reasoning for SFT to "
+                            "supervise, only the answers")
+    if config.train.method == "grpo" and completion_tokens(config) < 1:
+        raise ChartVLMError(f"max_completion_length must be at least 1, got {completion_tokens(config)}")
     from chartvlm.distributed import world_size
 
     if world_size() > 1 and config.train.world_size != world_size():
@@ -71,10 +79,10 @@ def load_split(config: RunConfig, split: str, skipped=None):
                         allow_outside_images=config.data.allow_outside_images)
 
 
-def sequence_length(processor, system_message: str):
+def sequence_length(processor, system_message: str, completion_tokens: int | None = None):
     """`measure(row, width, height)` for data.validate_rows: the exact token count of a training sequence (as
     collate builds it: prompt with the image's tokens, then the completion), from the image size in its
-    header (no pixel decoding)."""
+    header (no pixel decoding). With `completion_tokens` (GRPO), the prompt and that many generated tokens."""
     from chartvlm.images import image_token_count
     from chartvlm.prompts import build_messages, prompt_and_completion
 
@@ -87,8 +95,9 @@ def sequence_length(processor, system_message: str):
                                                    model)
         # The prompt holds one <|image_pad|>; the processor expands it to the image's tokens.
         text_tokens = len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) - 1
-        return text_tokens + image_token_count(processor, width, height) + \
+        answer_tokens = completion_tokens if completion_tokens is not None else \
             len(tokenizer(completion, add_special_tokens=False)["input_ids"])
+        return text_tokens + image_token_count(processor, width, height) + answer_tokens
 
     return measure
 
@@ -109,7 +118,8 @@ def prepare_split(dataset, processor, config: RunConfig, skipped, split: str, dr
     from chartvlm.prompts import control_tokens
 
     name = f"{config.data.dataset} ({split})"
-    measure = sequence_length(processor, config.data.system_message)
+    generated = completion_tokens(config) if config.train.method == "grpo" else None
+    measure = sequence_length(processor, config.data.system_message, generated)
     dataset, lengths = validate_rows(dataset, skipped, name, measure=measure, drop_duplicates=drop_duplicates,
                                      control_tokens=control_tokens(processor.tokenizer))
     return drop_overlong(dataset, lengths, config.train.max_length, name, skipped)
@@ -263,12 +273,14 @@ def save_outputs(trainer, processor, config: RunConfig, base: dict) -> Path:
     staged and moved into output_dir together (checkpoints.AtomicSFTTrainer), then the trainer state."""
     from chartvlm.io import atomic_write_json
     from chartvlm.modeling import BASE_RECORD
-    from chartvlm.report import plot_loss_curve
+    from chartvlm.report import REWARD_CURVES, plot_loss_curve, plot_reward_curves
 
     def extras(folder: Path) -> None:
         config.save(folder)
         atomic_write_json(folder / BASE_RECORD, base)
         plot_loss_curve(trainer.state.log_history, folder / "loss_curve.png")
+        if config.train.method == "grpo":
+            plot_reward_curves(trainer.state.log_history, folder / REWARD_CURVES)
 
     out = Path(config.train.output_dir)
     trainer.final_extras = extras
@@ -288,7 +300,7 @@ def main(config: RunConfig | None = None) -> Path:
     from chartvlm.errors import BadSampleError
     from chartvlm.interrupt import InterruptCallback, TrainingInterrupted
     from chartvlm.io import ensure_writable_dir
-    from chartvlm.modeling import base_record, check_model_folder, load_model, load_processor
+    from chartvlm.modeling import base_record, check_adapter, check_model_folder, load_model, load_processor
     from chartvlm.prompts import check_user_text, control_tokens
 
     if config is None:
@@ -297,6 +309,8 @@ def main(config: RunConfig | None = None) -> Path:
         config = parse_config([])
     check_config(config)
     check_model_folder(config.model.model_name_or_path)
+    if config.model.init_adapter:  # before anything is loaded: an adapter of another base is refused
+        check_adapter(config.model.init_adapter, config.model.model_name_or_path, config.eval.force_adapter)
     ensure_sources_reachable(config)
     resolve_optimizer(config.train)
     set_seed(config.train.seed)
@@ -335,7 +349,12 @@ def main(config: RunConfig | None = None) -> Path:
     if main_process:
         log_sample_generation(model, processor, train_data, config, "before")
     interrupt = InterruptCallback()
-    trainer = build_trainer(model, processor, config, train_data, eval_data, callbacks=[interrupt])
+    if config.train.method == "grpo":
+        from chartvlm.grpo import build_grpo_trainer
+
+        trainer = build_grpo_trainer(model, processor, config, train_data, eval_data, callbacks=[interrupt])
+    else:
+        trainer = build_trainer(model, processor, config, train_data, eval_data, callbacks=[interrupt])
     check_final_save(trainer)
     resume_from = None
     if config.train.resume:

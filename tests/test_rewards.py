@@ -1,0 +1,175 @@
+"""GRPO rewards (issue 13) on hand-written completions: each built-in reward equals the metric or rule it names,
+answers are taken after a reasoning block exactly as evaluation takes them, and user rewards load by name."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from chartvlm.config import parse_config
+from chartvlm.errors import ChartVLMError
+from chartvlm.evaluate import prediction_record
+from chartvlm.metrics import relaxed_accuracy as metric
+from chartvlm.prompts import extract_answer
+from chartvlm.rewards import BUILT_IN, build_rewards, completion_text, user_reward
+
+
+def as_trl(texts: list[str]) -> list[list[dict]]:
+    """Completions as TRL hands them to a reward: the assistant message of each."""
+    return [[{"role": "assistant", "content": text}] for text in texts]
+
+
+def rewards_of(texts, labels=None, *, reasoning=False, names=("relaxed_accuracy", "format"), ids=None,
+               max_completion_length=32, buffer=None, metric_name="relaxed"):
+    functions, _ = build_rewards({name: 1.0 for name in names}, metric=metric_name, reasoning=reasoning,
+                                 max_completion_length=max_completion_length, length_penalty_buffer=buffer)
+    labels = labels or [["0"]] * len(texts)
+    ids = ids or [[0]] * len(texts)
+    return {f.__name__: f(prompts=[[]] * len(texts), completions=as_trl(texts), completion_ids=ids, label=labels,
+                          query=["q"] * len(texts))
+            for f in functions}
+
+
+# (completion, labels, reward) with the standard metric: chartqa.md's examples, several labels, and answers
+# after a reasoning block.
+ACCURACY_CASES = [
+    ("42.0", ["42"], 1.0), ("105", ["100"], 1.0), ("95", ["100"], 1.0), ("105.2", ["100"], 0.0),
+    ("62%", ["62"], 0.0), ("62%", ["0.62"], 1.0), ("0.5", ["50%"], 1.0), ("0.0", ["0"], 0.0),
+    ("1,000", ["1000"], 0.0), ("1e3", ["1000"], 1.0), ("yes", ["Yes"], 1.0), ("Yes.", ["Yes"], 0.0),
+    ("2015", ["2014"], 1.0), ("$42", ["42"], 0.0), ("Green Line", ["green line"], 1.0),
+    ("  ten \n", ["12", "ten"], 1.0), ("12", ["12", "ten"], 1.0), ("eleven", ["12", "ten"], 0.0),
+    ("<think>the first bar reads 40, the second 42</think> 42", ["42"], 1.0),
+    ("<think>30 or 42?</think>\n\n30", ["42"], 0.0),
+    ("reading the bars...</think>42", ["42"], 1.0),       # the block was opened by the prompt
+    ("<think>never closed, 42", ["42"], 0.0),
+    ("", ["42"], 0.0),
+]
+
+
+@pytest.mark.parametrize("text,labels,expected", ACCURACY_CASES)
+def test_relaxed_accuracy_is_the_metric_of_the_answer_evaluation_scores(text, labels, expected):
+    got = rewards_of([text], [labels], names=("relaxed_accuracy",))["relaxed_accuracy"]
+    assert got == [expected]
+    # What evaluation records for the same generated text (generate.py extracts the answer, then scores it).
+    record = prediction_record({"query": "q", "label": labels}, 0, "test", extract_answer(text), "relaxed")
+    assert record["correct"] == bool(expected)
+    assert got == [metric(extract_answer(text), labels)]
+
+
+def test_relaxed_accuracy_follows_the_configured_metric():
+    # 95 against 100: right under the standard metric, wrong with the tolerance relative to the prediction.
+    assert rewards_of(["95"], [["100"]], names=("relaxed_accuracy",))["relaxed_accuracy"] == [1.0]
+    swapped = rewards_of(["105.2"], [["100"]], names=("relaxed_accuracy",), metric_name="relaxed_swapped")
+    assert swapped["relaxed_accuracy"] == [1.0]
+
+
+@pytest.mark.parametrize("text,bare,reasoned", [
+    ("42", True, False),
+    ("Democratic Republic of the Congo", True, False),
+    ("  7.5 \n", True, False),
+    ("The answer is 42 because the tallest bar reaches 42 on the axis", False, False),
+    ("42\nThe tallest bar.", False, False),
+    ("", False, False),
+    ("<think>the second bar is tallest</think> B", False, True),
+    ("<think>\nfirst 10, then 20\n</think>\n\n20", False, True),
+    ("<think></think> B", False, False),                  # no reasoning in the block
+    ("<think>a</think><think>b</think> B", False, False),  # two blocks
+    ("<think>the second bar</think>", False, False),      # no answer
+    ("B <think>because</think>", False, False),           # answer first
+    ("<think>so B</think> B is the tallest bar, taller than A by about ten units", False, False),
+    ("<analysis>B</analysis> B", False, False),
+])
+def test_format_rewards_a_bare_answer_or_reasoning_then_a_bare_answer(text, bare, reasoned):
+    assert rewards_of([text], names=("format",))["format"] == [float(bare)]
+    assert rewards_of([text], names=("format",), reasoning=True)["format"] == [float(reasoned)]
+
+
+def test_length_penalty_is_dapos_soft_overlong_penalty():
+    lengths = [1, 24, 25, 28, 31, 32]  # limit 32, buffer 8: free up to 24 tokens
+    got = rewards_of(["x"] * len(lengths), names=("length_penalty",), ids=[[7] * n for n in lengths],
+                     max_completion_length=32, buffer=8)["length_penalty"]
+    assert got == [0.0, 0.0, -1 / 8, -4 / 8, -7 / 8, -1.0]
+    # Default buffer: a quarter of the limit.
+    default = rewards_of(["x"], names=("length_penalty",), ids=[[7] * 28], max_completion_length=32)
+    assert default["length_penalty"] == [-0.5]
+
+
+def test_rewards_keep_the_configured_order_names_and_weights():
+    functions, weights = build_rewards({"format": 0.25, "relaxed_accuracy": 2, "grpo_rewards:distinct_characters": 1},
+                                       metric="relaxed", reasoning=False, max_completion_length=16)
+    assert [f.__name__ for f in functions] == ["format", "relaxed_accuracy", "distinct_characters"]
+    assert weights == [0.25, 2.0, 1.0]
+    assert all(isinstance(w, float) for w in weights)
+
+
+def test_a_user_reward_is_called_as_trl_calls_it():
+    function = user_reward("grpo_rewards:distinct_characters")
+    assert function(completions=as_trl(["aab", "abc"]), prompts=[[], []], completion_ids=[[1], [2]]) == [0.2, 0.3]
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("acuracy", "neither a chartvlm reward (relaxed_accuracy, format, length_penalty) nor 'module:function'"),
+    ("no_such_module_xyz:f", "cannot import 'no_such_module_xyz'"),
+    ("grpo_rewards:missing", "grpo_rewards has no function 'missing'"),
+    ("grpo_rewards:", "neither a chartvlm reward"),
+])
+def test_a_reward_that_cannot_be_found_is_named(spec, message):
+    with pytest.raises(ChartVLMError, match="rewards: ") as error:
+        build_rewards({spec: 1.0}, metric="relaxed", reasoning=False, max_completion_length=16)
+    assert message in str(error.value)
+
+
+def test_completion_text_reads_every_form_trl_passes():
+    assert completion_text("42") == "42"
+    assert completion_text([{"role": "assistant", "content": "42"}]) == "42"
+    assert completion_text([{"role": "assistant", "content": [{"type": "text", "text": "4"},
+                                                              {"type": "text", "text": "2"}]}]) == "42"
+    assert completion_text([]) == ""
+
+
+def test_rewards_and_weights_come_from_yaml_or_a_json_flag(tmp_path):
+    config = parse_config(["--rewards", '{"relaxed_accuracy": 1, "length_penalty": -0.5}'])
+    assert config.grpo.rewards == {"relaxed_accuracy": 1, "length_penalty": -0.5}
+    path = tmp_path / "grpo.yaml"
+    path.write_text("method: grpo\ngrpo:\n  rewards: {format: 0.2, relaxed_accuracy: 1.0}\n  num_generations: 4\n")
+    config = parse_config(["--config", str(path)])
+    assert config.train.method == "grpo" and config.grpo.num_generations == 4
+    assert list(config.grpo.rewards) == ["format", "relaxed_accuracy"]
+    assert set(BUILT_IN) == {"relaxed_accuracy", "format", "length_penalty"}
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--rewards", "{relaxed_accuracy: 1"], "rewards must be a JSON object"),
+    (["--rewards", "{}"], "non-empty mapping"),
+    (["--rewards", '{"format": "high"}'], "the weight of 'format' must be a finite number"),
+    (["--rewards", '{"format": NaN}'], "finite number"),
+    (["--length_penalty_buffer", "0"], "length_penalty_buffer must be at least 1"),
+    (["--method", "grpo", "--packing", "true"], None),  # refused when training starts (train.check_config)
+    (["--init_adapter", "x", "--tuning", "full"], "merge it into its base first"),
+])
+def test_bad_grpo_options_are_one_clear_message(flags, message):
+    if message is None:
+        from chartvlm.train import check_config
+
+        with pytest.raises(ChartVLMError, match="packing is for method sft"):
+            check_config(parse_config(flags))
+        return
+    with pytest.raises(ChartVLMError) as error:
+        parse_config(flags)
+    assert message in str(error.value)
+
+
+def test_reasoning_sets_the_prompt_and_the_room_to_think_unless_the_user_did():
+    from chartvlm.prompts import REASONING_SYSTEM_MESSAGE, SYSTEM_MESSAGE
+
+    plain = parse_config([])
+    assert plain.data.system_message == SYSTEM_MESSAGE and plain.eval.eval_max_new_tokens == 32
+    reasoned = parse_config(["--reasoning", "true"])
+    assert reasoned.data.system_message == REASONING_SYSTEM_MESSAGE
+    assert reasoned.eval.eval_max_new_tokens == reasoned.eval.max_new_tokens == 1024
+    chosen = parse_config(["--reasoning", "true", "--max_completion_length", "300", "--eval_max_new_tokens", "400",
+                           "--system_message", "Think, then answer."])
+    assert chosen.data.system_message == "Think, then answer."
+    assert (chosen.eval.max_new_tokens, chosen.eval.eval_max_new_tokens) == (300, 400)
+    assert math.isfinite(chosen.grpo.beta) and chosen.grpo.beta == 0.04
