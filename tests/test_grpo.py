@@ -122,6 +122,24 @@ def test_grpo_prompts_and_pixels_are_the_ones_evaluation_gives_the_model(kind, c
         assert text == render(processor, prompt_messages(format_data(row)), generation_prompt=True)
 
 
+def test_completions_end_at_im_end_when_the_checkpoint_declares_another_end_token(tiny, chart_dataset_dir, tmp_path):
+    """A base checkpoint (Qwen2-VL-2B) ends text with <|endoftext|>: sampling must still stop, and completions be
+    cut, at <|im_end|>, where chartvlm's answers end."""
+    from datasets import Dataset
+
+    from chartvlm.grpo import build_grpo_trainer
+
+    model, processor = copy.deepcopy(tiny[0]), copy.deepcopy(tiny[1])
+    text_end = processor.tokenizer.pad_token_id
+    processor.tokenizer.eos_token = processor.tokenizer.pad_token
+    model.generation_config.eos_token_id = text_end
+    config = parse_config(grpo_args("unused", chart_dataset_dir, tmp_path, "--tuning", "full", "--beta", "0"))
+    trainer = build_grpo_trainer(model, processor, config, Dataset.from_list(chart_rows(2)))
+    end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert end in trainer.eos_token_ids and end in trainer.generation_config.eos_token_id
+    assert text_end in trainer.eos_token_ids
+
+
 # ------------------------------------------------------------------------------------------ what trains
 
 
@@ -262,9 +280,17 @@ def test_a_reasoning_run_is_evaluated_as_it_was_rewarded_and_its_report_shows_th
     from chartvlm.results import EvalResult
 
     out = train_main(parse_config(grpo_args(tiny_model_dir, chart_dataset_dir, tmp_path / "out", "--reasoning",
-                                            "true", "--max_completion_length", "8")))
+                                            "true", "--max_completion_length", "8", "--report_to", "tensorboard")))
     entries = logged(out)
     assert all(math.isfinite(entry["rewards/format/mean"]) for entry in entries)
+    # TensorBoard has the rewards, the KL and the sample completions (text).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((out / "runs").iterdir()))).Reload()
+    assert {"train/reward", "train/kl", "train/rewards/format/mean"} <= set(events.Tags()["scalars"])
+    samples = events.Tensors("completions/text_summary")
+    assert [event.step for event in samples] == [1, 2]
+    assert b"| question | completion | rewards |" in samples[-1].tensor_proto.string_val[0]
 
     # Evaluated like any adapter, with no flag: reasoning, its prompt and its room to think come with it.
     evaluation = tmp_path / "eval"
