@@ -75,6 +75,19 @@ def torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 # --------------------------------------------------------------------------------------------
 
 
+def ranks_in_step(out: Path) -> list[dict]:
+    """The probe's records of both ranks, checked: DDP averages the gradients, so both ranks end with the same LoRA
+    weights, and they moved; the one adapter written holds exactly those weights."""
+    ranks = [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
+    assert ranks[0]["lora"].keys() == ranks[1]["lora"].keys() and ranks[0]["lora"]
+    assert all(torch.equal(ranks[0]["lora"][k], ranks[1]["lora"][k]) for k in ranks[0]["lora"])
+    assert any(v.abs().sum() > 0 for k, v in ranks[0]["lora"].items() if "lora_B" in k)
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    assert set(saved) == {k.replace(".default", "") for k in ranks[0]["lora"]}
+    assert all(torch.equal(saved[k.replace(".default", "")], v) for k, v in ranks[0]["lora"].items())
+    return ranks
+
+
 def test_ddp_training_on_two_processes_splits_the_data_and_the_ranks_agree(tiny_model_dir, chart_dataset_dir,
                                                                             tmp_path):
     out = tmp_path / "ddp"
@@ -84,15 +97,7 @@ def test_ddp_training_on_two_processes_splits_the_data_and_the_ranks_agree(tiny_
     result = torchrun(str(probe), str(out), *run_args(tiny_model_dir, chart_dataset_dir, out, "--max_steps", "2"))
     assert result.returncode == 0, result.stderr[-4000:]
 
-    ranks = [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
-    # DDP averages the gradients: both ranks end with the same LoRA weights, and they moved.
-    assert ranks[0]["lora"].keys() == ranks[1]["lora"].keys() and ranks[0]["lora"]
-    assert all(torch.equal(ranks[0]["lora"][k], ranks[1]["lora"][k]) for k in ranks[0]["lora"])
-    assert any(v.abs().sum() > 0 for k, v in ranks[0]["lora"].items() if "lora_B" in k)
-    # The one adapter written holds exactly those weights.
-    saved = load_file(str(out / "adapter_model.safetensors"))
-    assert set(saved) == {k.replace(".default", "") for k in ranks[0]["lora"]}
-    assert all(torch.equal(saved[k.replace(".default", "")], v) for k, v in ranks[0]["lora"].items())
+    ranks = ranks_in_step(out)
 
     # One shuffled order split by rank: 2 steps x 2 rows on each rank = 8 different training rows
     # (the dataloader collates one batch ahead, hence [:2]).
@@ -127,12 +132,7 @@ def test_ddp_grpo_on_two_processes_keeps_the_ranks_in_step(tiny_model_dir, chart
                                                       "--max_completion_length", "6", "--rewards", rewards))
     assert result.returncode == 0, result.stderr[-4000:]
 
-    ranks = [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
-    assert ranks[0]["lora"].keys() == ranks[1]["lora"].keys() and ranks[0]["lora"]
-    assert all(torch.equal(ranks[0]["lora"][k], ranks[1]["lora"][k]) for k in ranks[0]["lora"])
-    assert any(v.abs().sum() > 0 for k, v in ranks[0]["lora"].items() if "lora_B" in k)
-    saved = load_file(str(out / "adapter_model.safetensors"))
-    assert all(torch.equal(saved[k.replace(".default", "")], v) for k, v in ranks[0]["lora"].items())
+    ranks = ranks_in_step(out)
     state = json.loads((out / "trainer_state.json").read_text())
     rewarded = [entry for entry in state["log_history"] if "reward" in entry]
     assert [entry["step"] for entry in rewarded] == [1, 2] and all(entry["kl"] >= 0 for entry in rewarded)

@@ -91,17 +91,23 @@ class AtomicSaves:
                     self.final_extras(staging)
                 make_readable(staging)
         except Exception as error:
-            failure = write_failure(error, staging)  # before the cleanup frees the space
-            if self.args.should_save:
-                shutil.rmtree(staging, ignore_errors=True)
-            if failure is None:
-                raise
+            failure = self._discard_failed_save(error, staging)
             raise ChartVLMError(f"saving the trained model to {out} failed: {failure}; nothing in {out} was "
                                 "replaced") from None
         if self.args.should_save:
             move_into(staging, out)
         if self.args.push_to_hub:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _discard_failed_save(self, error: Exception, staging: Path) -> str:
+        """After a save failed: what went wrong (a full disk, a permission) with the staged files removed; an
+        error that is neither is raised again as it was."""
+        failure = write_failure(error, staging)  # before the cleanup frees the space
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        if failure is None:
+            raise error
+        return failure
 
     def save_state(self) -> None:
         if self.is_world_process_zero():
@@ -122,11 +128,7 @@ class AtomicSaves:
         try:
             super()._save_checkpoint(model, trial)
         except Exception as error:
-            failure = write_failure(error, staging)  # before the cleanup frees the space
-            if self.args.should_save:
-                shutil.rmtree(staging, ignore_errors=True)
-            if failure is None:
-                raise
+            failure = self._discard_failed_save(error, staging)
             previous = last_complete_checkpoint(run_dir)
             kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
             raise ChartVLMError(f"writing checkpoint {final} failed: {failure}; {kept}") from None
