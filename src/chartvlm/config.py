@@ -333,6 +333,7 @@ class TrainConfig(SFTConfig):
             raise ChartVLMError(f"num_train_epochs must be positive (or set max_steps), got {self.num_train_epochs}")
         super().__post_init__()
 
+
 # The ChartQA rewards chartvlm has (chartvlm.rewards); a "module:function" entry names a user's own.
 DEFAULT_REWARDS = {"relaxed_accuracy": 1.0, "format": 0.5}
 # GRPOConfig options that are chartvlm's to set: the weights come with the rewards, and the chat template's
@@ -343,7 +344,7 @@ _GRPO_OPTIONS_LEFT_OUT = {"reward_weights", "chat_template_kwargs", "vllm_import
 # GRPO defaults that differ from TRL's, with the reason in their help text.
 _GRPO_DEFAULTS = {
     "beta": (0.04, "KL coefficient against the starting model (TRL's default: 0). chartvlm keeps DeepSeekMath's "
-                   "0.04: fine-tuning on ~28k ChartQA questions for many steps drifts otherwise, and the KL is logged."),
+                   "0.04: the policy stays near the model whose chart reading it starts from, and the KL is logged."),
     "max_completion_length": (None, "New tokens per completion. Default: eval_max_new_tokens (32: a ChartQA answer "
                                     "is a few tokens), or 1024 with reasoning."),
     "disable_dropout": (True, "Turn dropout off (LoRA's too) while training (TRL's default: off): the importance "
