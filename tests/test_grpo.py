@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,8 @@ def logged(folder: Path) -> list[dict]:
     return [entry for entry in history if "reward" in entry]
 
 
-def assert_finite_rewards_and_kl(folder: Path, names=("distinct_characters", "relaxed_accuracy", "format")) -> list:
+def assert_finite_rewards_and_kl(folder: Path, names=("grpo_rewards:distinct_characters", "relaxed_accuracy",
+                                                      "format")) -> list:
     entries = logged(folder)
     assert [entry["step"] for entry in entries] == list(range(1, STEPS + 1))
     for entry in entries:
@@ -89,18 +91,28 @@ def base_weights(model_dir) -> dict:
 # ------------------------------------------------------------------------------------------ prompts and pixels
 
 
-@pytest.mark.parametrize("kind", ALL_KINDS, ids=kind_id)
-def test_grpo_prompts_and_pixels_are_the_ones_evaluation_gives_the_model(kind, chart_dataset_dir, tmp_path):
+# Reasoning's system prompt names <think> and </think>, control tokens of Qwen3's vocabularies: every Qwen3
+# family is checked with it (the real vocabulary included), the others without, and one with both.
+PROMPT_CASES = [(kind, kind[0].startswith("qwen3")) for kind in ALL_KINDS] + [(("qwen2_5_vl", "ours"), True)]
+
+
+@pytest.mark.parametrize("kind,reasoning", PROMPT_CASES, ids=lambda case: kind_id(case) if isinstance(case, tuple)
+                         else "reasoning" if case else "plain")
+def test_grpo_prompts_and_pixels_are_the_ones_evaluation_gives_the_model(kind, reasoning, chart_dataset_dir,
+                                                                          tmp_path):
     """TRL tokenizes the prompts itself (and processes the images again for the loss): both must equal what
     evaluation feeds the model for the same question, token for token and pixel for pixel."""
     from trl.data_utils import apply_chat_template, prepare_multimodal_messages
 
     from chartvlm.generate import generation_inputs
     from chartvlm.grpo import build_grpo_trainer
-    from chartvlm.prompts import format_data, prompt_messages, render
+    from chartvlm.prompts import check_system_message, control_tokens, format_data, prompt_messages, render
 
     model, processor = tiny_of(*kind)
-    config = parse_config(grpo_args("unused", chart_dataset_dir, tmp_path, "--tuning", "full", "--beta", "0"))
+    config = parse_config(grpo_args("unused", chart_dataset_dir, tmp_path, "--tuning", "full", "--beta", "0",
+                                    "--reasoning", str(reasoning).lower()))
+    system = config.data.system_message
+    check_system_message(system, "system_message", control_tokens(processor.tokenizer))  # as train.main does
     rows = chart_rows(4)
     from datasets import Dataset
 
@@ -110,7 +122,7 @@ def test_grpo_prompts_and_pixels_are_the_ones_evaluation_gives_the_model(kind, c
     prompts = [prepare_multimodal_messages(row["prompt"], images=[row["image"]]) for row in inputs]
     prompt_ids, _, fields = trainer._tokenize_prompts(prompts)
 
-    expected = generation_inputs([format_data(row) for row in rows], processor)
+    expected = generation_inputs([format_data(row, system) for row in rows], processor)
     for i, ids in enumerate(prompt_ids):
         real = expected["attention_mask"][i].bool()
         assert list(ids) == expected["input_ids"][i][real].tolist(), f"row {i}: GRPO prompt differs from eval's"
@@ -119,7 +131,8 @@ def test_grpo_prompts_and_pixels_are_the_ones_evaluation_gives_the_model(kind, c
     # The text TRL renders for the loss pass (then processed with the same images) is evaluation's prompt.
     for prompt, row in zip(prompts, rows, strict=True):
         text = apply_chat_template({"prompt": prompt}, processor, **trainer.chat_template_kwargs)["prompt"]
-        assert text == render(processor, prompt_messages(format_data(row)), generation_prompt=True)
+        assert text == render(processor, prompt_messages(format_data(row, system)), generation_prompt=True)
+        assert system in text
 
 
 def test_completions_end_at_im_end_when_the_checkpoint_declares_another_end_token(tiny, chart_dataset_dir, tmp_path):
@@ -147,7 +160,16 @@ def test_completions_end_at_im_end_when_the_checkpoint_declares_another_end_toke
 def test_two_grpo_steps_change_the_lora_weights_only_and_log_finite_rewards_and_kl(
         kind, family_model_dirs, chart_dataset_dir, tmp_path, trained):
     model_dir = family_model_dirs(*kind)
-    out = train_main(parse_config(grpo_args(model_dir, chart_dataset_dir, tmp_path / "out")))
+    # Qwen3's families reason: their vocabularies hold <think> and </think>, which the system prompt names.
+    reasoning = kind[0].startswith("qwen3")
+    out = train_main(parse_config(grpo_args(model_dir, chart_dataset_dir, tmp_path / "out", "--reasoning",
+                                            str(reasoning).lower())))
+    if reasoning:  # predict and serve ask it as trained
+        from chartvlm.predict import inference_setup
+        from chartvlm.prompts import REASONING_SYSTEM_MESSAGE
+
+        conversation = inference_setup(str(model_dir), str(out)).conversation(None, "Which is larger?", "question")
+        assert conversation[0]["content"][0]["text"] == REASONING_SYSTEM_MESSAGE
 
     lora = {name for name in trained if "lora_" in name}
     assert lora and all(trained[name][1] for name in lora)
@@ -200,6 +222,17 @@ def base_vision_pairs(base: dict, tower: dict):
             yield match, value
 
 
+def test_a_reward_that_scores_nothing_still_leaves_the_model_and_its_curves(tiny_model_dir, chart_dataset_dir,
+                                                                            tmp_path):
+    rewards = json.dumps({"relaxed_accuracy": 1.0, "grpo_rewards:unscored": 0.5})
+    out = train_main(parse_config(grpo_args(tiny_model_dir, chart_dataset_dir, tmp_path / "out", "--rewards",
+                                            rewards)))
+    means = [entry["rewards/grpo_rewards:unscored/mean"] for entry in logged(out)]
+    assert means and all(mean is None or math.isnan(mean) for mean in means)
+    assert (out / "adapter_model.safetensors").exists()
+    assert (out / "reward_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 # ------------------------------------------------------------------------------------------ SFT -> GRPO
 
 
@@ -239,23 +272,35 @@ def test_an_adapter_of_another_base_or_with_other_modules_is_refused(tiny_model_
 # ------------------------------------------------------------------------------------------ interruption
 
 
-def test_an_interrupted_grpo_run_resumes_from_its_checkpoint(tiny_model_dir, chart_dataset_dir, tmp_path,
-                                                              monkeypatch):
+@pytest.mark.parametrize("round_steps", [1, 2], ids=["one-step-rounds", "two-step-rounds"])
+def test_an_interrupted_grpo_run_resumes_from_its_checkpoint(round_steps, tiny_model_dir, chart_dataset_dir, tmp_path,
+                                                              monkeypatch, caplog):
+    """With two optimizer steps per generation round (4 completions generated, 2 per step), the signal at step 1
+    is answered at the round's end, step 2, and save_steps 1 saves only there and at 4: resumed mid-round, TRL
+    would sample new completions for the rest of the round and the run would not be the uninterrupted one."""
+    import logging
     import os
     import signal
 
-    common = ["--max_steps", "4", "--save_strategy", "steps", "--save_steps", "100"]
+    caplog.set_level(logging.INFO, logger="chartvlm")
+    common = ["--max_steps", "4", "--save_strategy", "steps"]
+    common += ["--save_steps", "100"] if round_steps == 1 else ["--save_steps", "1", "--generation_batch_size", "4"]
     straight = train_main(parse_config(grpo_args(tiny_model_dir, chart_dataset_dir, tmp_path / "straight", *common)))
+    if round_steps == 2:
+        assert sorted(path.name for path in straight.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    # Sample completions are shown once per round, at the step that generated them.
+    shown = {int(record.getMessage().split()[1]) for record in caplog.records if " sample: Q=" in record.getMessage()}
+    assert shown == set(range(1, 5, round_steps))
     args = grpo_args(tiny_model_dir, chart_dataset_dir, tmp_path / "resumed", *common)
     original = InterruptCallback.on_step_end
 
-    def sigterm_at_2(self, run_args_, state, control, **kwargs):
-        if state.global_step == 2:
+    def sigterm_at(self, run_args_, state, control, **kwargs):
+        if state.global_step == 3 - round_steps:
             os.kill(os.getpid(), signal.SIGTERM)
         return original(self, run_args_, state, control, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(InterruptCallback, "on_step_end", sigterm_at_2)
+        patch.setattr(InterruptCallback, "on_step_end", sigterm_at)
         with pytest.raises(TrainingInterrupted, match="at step 2"):
             train_main(parse_config(args))
     out = tmp_path / "resumed"
@@ -263,7 +308,8 @@ def test_an_interrupted_grpo_run_resumes_from_its_checkpoint(tiny_model_dir, cha
     train_main(parse_config([*args, "--resume", "true"]))
 
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
-    assert [entry["step"] for entry in history if "reward" in entry] == [1, 2, 3, 4]
+    # Rewards are logged where completions were generated: each round's first step.
+    assert [entry["step"] for entry in history if "reward" in entry] == list(range(1, 5, round_steps))
     expected, got = load_file(str(straight / "adapter_model.safetensors")), load_file(str(out / "adapter_model.safetensors"))
     assert got.keys() == expected.keys()
     for name in expected:
@@ -327,12 +373,39 @@ def test_an_sft_run_has_no_reward_section_and_its_eval_records_no_reasoning(tiny
     (["--num_generations", "3"], "generation_batch_size"),   # explicit batches that cannot hold whole groups
     (["--packing", "true"], "packing is for method sft"),
     (["--rewards", '{"nope:missing": 1}'], "cannot import 'nope'"),
-    (["--num_generations", "1"], "at least 2 generations"),
+    (["--num_generations", "1"], "num_generations must be a whole number of at least 2"),
+    (["--num_generations", "0"], "num_generations must be a whole number of at least 2"),
+    (["--temperature", "0"], "temperature must be positive"),
+    (["--generation_batch_size", "0"], "generation_batch_size must be a whole number of at least 1"),
+    (["--beta", "-0.1"], "beta (the KL coefficient) must not be negative"),
+    (["--rewards", '{"length_penalty": 1}', "--length_penalty_buffer", "64"], "longer than max_completion_length"),
     (["--max_completion_length", "0"], "max_completion_length must be at least 1"),
     (["--method", "sft", "--reasoning", "true"], "reasoning: true trains with method grpo"),
 ])
-def test_bad_grpo_runs_fail_before_training_with_one_message(flags, message, tiny_model_dir, chart_dataset_dir,
-                                                              tmp_path):
+def test_bad_grpo_runs_fail_before_any_data_or_weights_are_read(flags, message, tiny_model_dir, chart_dataset_dir,
+                                                                 tmp_path, monkeypatch):
+    import chartvlm.modeling
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the configuration must be refused before anything is loaded")
+
+    monkeypatch.setattr(chartvlm.modeling, "load_processor", no_loading)
+    monkeypatch.setattr(chartvlm.modeling, "load_model", no_loading)
     extra = ["--generation_batch_size", "4"] if flags[:2] == ["--num_generations", "3"] else []
-    with pytest.raises(ChartVLMError, match=message):
+    with pytest.raises(ChartVLMError, match=re.escape(message)):
         train_main(parse_config(grpo_args(tiny_model_dir, chart_dataset_dir, tmp_path / "out", *flags, *extra)))
+
+
+def test_the_options_both_trl_configs_have_reach_grpo_and_the_saved_config_says_what_ran(tmp_path):
+    from chartvlm.grpo import grpo_arguments
+
+    config = parse_config(["--method", "grpo", "--use_cpu", "true", "--output_dir", str(tmp_path)])
+    assert (config.train.loss_type, config.train.shuffle_dataset) == ("dapo", True)  # TRL's GRPO defaults
+    args = grpo_arguments(config, None, [1.0])
+    assert (args.loss_type, args.shuffle_dataset) == ("dapo", True)
+    config = parse_config(["--method", "grpo", "--use_cpu", "true", "--loss_type", "dr_grpo", "--shuffle_dataset",
+                           "false", "--output_dir", str(tmp_path)])
+    args = grpo_arguments(config, None, [1.0])
+    assert (args.loss_type, args.shuffle_dataset) == ("dr_grpo", False)
+    saved = config.save(tmp_path).read_text()
+    assert "loss_type: dr_grpo" in saved and "shuffle_dataset: false" in saved

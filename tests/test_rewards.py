@@ -98,7 +98,8 @@ def test_length_penalty_is_dapos_soft_overlong_penalty():
 def test_rewards_keep_the_configured_order_names_and_weights():
     functions, weights = build_rewards({"format": 0.25, "relaxed_accuracy": 2, "grpo_rewards:distinct_characters": 1},
                                        metric="relaxed", reasoning=False, max_completion_length=16)
-    assert [f.__name__ for f in functions] == ["format", "relaxed_accuracy", "distinct_characters"]
+    # A user's reward is logged under the name the config gives it, so it cannot collide with a built-in one.
+    assert [f.__name__ for f in functions] == ["format", "relaxed_accuracy", "grpo_rewards:distinct_characters"]
     assert weights == [0.25, 2.0, 1.0]
     assert all(isinstance(w, float) for w in weights)
 
@@ -106,6 +107,60 @@ def test_rewards_keep_the_configured_order_names_and_weights():
 def test_a_user_reward_is_called_as_trl_calls_it():
     function = user_reward("grpo_rewards:distinct_characters")
     assert function(completions=as_trl(["aab", "abc"]), prompts=[[], []], completion_ids=[[1], [2]]) == [0.2, 0.3]
+
+
+@pytest.mark.parametrize("returned,message", [
+    ([0.5], "returned 1 rewards for 2 completions"),
+    ("0.5", "returned str, not a list"),
+    (0.5, "returned float, not a list"),
+    ([0.5, "high"], "returned 'high' for completion 1"),
+    ([0.5, float("inf")], "returned inf for completion 1"),
+    ([True, 0.0], "returned True for completion 0"),
+])
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+def test_a_user_reward_that_returns_the_wrong_thing_is_named(returned, message, is_async, monkeypatch):
+    import asyncio
+    import types
+
+    module = types.ModuleType("wrong_rewards")
+    if is_async:
+        async def bad(completions, **_):
+            return returned
+    else:
+        def bad(completions, **_):
+            return returned
+    module.bad = bad
+    monkeypatch.setitem(__import__("sys").modules, "wrong_rewards", module)
+    function = user_reward("wrong_rewards:bad")
+    with pytest.raises(ChartVLMError, match="reward wrong_rewards:bad ") as error:
+        result = function(completions=as_trl(["a", "b"]), prompts=[[], []], completion_ids=[[1], [2]])
+        if is_async:
+            asyncio.run(result)
+    assert message in str(error.value)
+
+
+def test_a_user_reward_may_leave_completions_unscored():
+    import sys
+    import types
+
+    module = types.ModuleType("partial_rewards")
+    module.some = lambda completions, **_: [None, float("nan"), 1]
+    sys.modules["partial_rewards"] = module
+    try:
+        got = user_reward("partial_rewards:some")(completions=as_trl(["a", "b", "c"]))
+    finally:
+        del sys.modules["partial_rewards"]
+    assert got[0] is None and math.isnan(got[1]) and got[2] == 1
+
+
+def test_a_user_reward_module_in_the_working_folder_is_found(tmp_path, monkeypatch):
+    import sys
+
+    (tmp_path / "rewards_in_the_working_folder.py").write_text("def one(completions, **_):\n"
+                                                                "    return [1.0] * len(completions)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])  # as a console script
+    assert user_reward("rewards_in_the_working_folder:one")(completions=as_trl(["a"])) == [1.0]
 
 
 @pytest.mark.parametrize("spec,message", [
@@ -147,6 +202,8 @@ def test_rewards_and_weights_come_from_yaml_or_a_json_flag(tmp_path):
     (["--length_penalty_buffer", "0"], "length_penalty_buffer must be at least 1"),
     (["--method", "grpo", "--packing", "true"], None),  # refused when training starts (train.check_config)
     (["--init_adapter", "x", "--tuning", "full"], "merge it into its base first"),
+    (["--loss_type", "dft"], "loss_type for method sft must be one of nll, got 'dft'"),  # SFT's loss is chartvlm's
+    (["--method", "grpo", "--loss_type", "nll"], "loss_type for method grpo must be one of dapo, grpo, dr_grpo"),
 ])
 def test_bad_grpo_options_are_one_clear_message(flags, message):
     if message is None:
@@ -173,3 +230,19 @@ def test_reasoning_sets_the_prompt_and_the_room_to_think_unless_the_user_did():
     assert chosen.data.system_message == "Think, then answer."
     assert (chosen.eval.max_new_tokens, chosen.eval.eval_max_new_tokens) == (300, 400)
     assert math.isfinite(chosen.grpo.beta) and chosen.grpo.beta == 0.04
+
+
+@pytest.mark.parametrize("trained_with", [False, True], ids=["plain-model", "reasoning-model"])
+def test_a_reasoning_flag_at_evaluation_wins_over_what_the_model_was_trained_with(trained_with, tmp_path):
+    """`eval --reasoning X` on a model trained the other way: the prompt and the room to think follow the flag,
+    not the trained folder (which still gives them when the flag is absent)."""
+    from chartvlm.prompts import REASONING_SYSTEM_MESSAGE, SYSTEM_MESSAGE
+    from chartvlm.settings import resolve
+
+    parse_config(["--method", "grpo", "--reasoning", str(trained_with).lower()]).save(tmp_path)
+    inherited = resolve(parse_config([]), str(tmp_path), log=False)
+    asked = resolve(parse_config(["--reasoning", str(not trained_with).lower()]), str(tmp_path), log=False)
+    for settings, reasoning in ((inherited, trained_with), (asked, not trained_with)):
+        assert settings.reasoning is reasoning
+        assert settings.system_message == (REASONING_SYSTEM_MESSAGE if reasoning else SYSTEM_MESSAGE)
+        assert (settings.max_new_tokens, settings.eval_max_new_tokens) == ((1024, 1024) if reasoning else (128, 32))

@@ -360,6 +360,8 @@ BAD_REQUESTS = [
      "stream"),
     ("thinking", lambda n: {"json": _body(n, chat_template_kwargs={"enable_thinking": True})}, 400,
      "rendered as the model was trained", "chat_template_kwargs"),
+    ("a logit bias", lambda n: {"json": _body(n, logit_bias={"42": 100})}, 400,
+     r"logit_bias=\{'42': 100\} is not supported: decoding is greedy over the model's own scores", "logit_bias"),
 ]
 
 
@@ -374,6 +376,32 @@ def test_bad_requests_get_an_openai_error_naming_the_problem(client, served, cas
     assert error["param"] == param
     if status == 404:
         assert error["code"] == "model_not_found"
+
+
+def test_base64_wrapped_in_lines_is_read_as_one(client, served, charts, single_answers):
+    """MIME base64 (76-character lines, Python's base64.encodebytes) is valid base64: the same chart."""
+    body = ask(served.name, charts, 0)
+    body["messages"][0]["content"][0]["image_url"]["url"] = "data:image/png;base64," + base64.encodebytes(
+        charts[0][1]).decode()
+    assert "\n" in body["messages"][0]["content"][0]["image_url"]["url"]
+    response = client.post(CHAT, json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == single_answers[0]
+
+
+def test_max_tokens_may_reach_the_model_s_own_answer_length_by_default(served):
+    """A reasoning model's trained answer length (1,024) is above the default limit (512): unless the limit is
+    set, requests may ask for as much as the model answers with by default."""
+    import dataclasses
+
+    from fastapi.testclient import TestClient
+
+    asked = dataclasses.replace(served.setup.asked, max_new_tokens=600)
+    long_answers = dataclasses.replace(served, setup=dataclasses.replace(served.setup, asked=asked))
+    for limits, most in ((ServeLimits(), 600), (ServeLimits(max_tokens_limit=700), 700)):
+        with TestClient(create_app(long_answers, limits)) as http_client:
+            response = http_client.post(CHAT, json=_body(served.name, max_tokens=most + 1))
+        assert response.status_code == 400 and f"from 1 to {most} " in response.json()["error"]["message"]
 
 
 def test_unknown_paths_and_methods_get_openai_errors(client):
@@ -725,7 +753,10 @@ def test_serve_refuses_bad_options_in_one_line(model_dir, tmp_path, capsys):
     for argv, message in ((["--model", str(tmp_path / "missing")], "no such model folder"),
                           (["--model", str(model_dir), "--max_batch", "0"], "max_batch must be at least 1, got 0"),
                           (["--model", str(model_dir), "--max_tokens_limit", "4"],
-                           "the default answer length (6 new tokens) is above --max_tokens_limit 4")):
+                           "the default answer length (6 new tokens) is above --max_tokens_limit 4"),
+                          (["--model", str(model_dir), "--port", "70000"], "port must be from 0 to 65535, got 70000"),
+                          (["--model", str(model_dir), "--max_new_tokens", "0"],
+                           "max_new_tokens must be at least 1, got 0")):
         assert cli.main(["serve", *argv]) == 2
         err = capsys.readouterr().err
         last = err.splitlines()[-1]  # after the weights' loading bar, when the model was loaded

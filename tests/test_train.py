@@ -53,6 +53,20 @@ def test_lora_run_changes_only_lora_weights(tiny_model_dir, chart_dataset_dir, t
     assert all(torch.equal(trained[k], original[k]) for k in original)
 
 
+def test_a_picture_that_cannot_be_drawn_never_costs_the_trained_model(tiny_model_dir, chart_dataset_dir, tmp_path,
+                                                                      monkeypatch, caplog):
+    import chartvlm.report
+
+    def broken(*args, **kwargs):
+        raise ValueError("no such font")
+
+    monkeypatch.setattr(chartvlm.report, "plot_loss_curve", broken)
+    saved = train_main(parse_config(run_args(tiny_model_dir, chart_dataset_dir, tmp_path / "out", "--max_steps", "1")))
+    assert (saved / "adapter_model.safetensors").exists() and (saved / "trainer_state.json").exists()
+    assert not (saved / "loss_curve.png").exists()
+    assert "loss_curve.png not drawn (ValueError: no such font); the model is saved" in caplog.text
+
+
 def test_full_tuning_changes_base_weights_but_not_the_frozen_vision_tower(tiny_model_dir, chart_dataset_dir,
                                                                            tmp_path):
     out = tmp_path / "full"

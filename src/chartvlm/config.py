@@ -37,6 +37,8 @@ DEFAULT_MAX_PIXELS = 1280 * PIXELS_PER_TOKEN
 BACKENDS = ("inprocess", "openai")
 # How `chartvlm train` trains: supervised fine-tuning on the labels, or GRPO with the ChartQA metric as the reward.
 METHODS = ("sft", "grpo")
+# TRL's GRPO losses (GRPOConfig.loss_type's help), its default first. SFT has one: the answer-only cross-entropy.
+GRPO_LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo")
 # New tokens a reasoning answer may take (<think>...</think> then the answer) when max_completion_length is not set;
 # without reasoning a completion gets eval_max_new_tokens, as evaluation does.
 REASONING_MAX_NEW_TOKENS = 1024
@@ -301,6 +303,17 @@ class TrainConfig(SFTConfig):
                           "max_length tokens; per_device_train_batch_size counts bins (chartvlm.packing)."},
     )
     resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in output_dir."})
+    # Options SFTConfig and GRPOConfig both have, with different values: each method gets its own default.
+    loss_type: str | None = field(
+        default=None,
+        metadata={"help": "sft: nll (the only one: chartvlm's answer-only cross-entropy). grpo: one of TRL's GRPO "
+                          "losses (" + ", ".join(GRPO_LOSS_TYPES) + "). Default: nll for sft, dapo (TRL's) for grpo."},
+    )
+    shuffle_dataset: bool | None = field(
+        default=None,
+        metadata={"help": "grpo: draw the questions in a shuffled order (default: true, as TRL). sft: unused (the "
+                          "Trainer's sampler orders the samples)."},
+    )
     full_logits_loss: bool = field(
         default=False,
         metadata={"help": "Project every position onto the vocabulary and take the model's own loss, as the seed "
@@ -331,6 +344,13 @@ class TrainConfig(SFTConfig):
             raise ChartVLMError("packing needs max_length: the token budget of each packed row")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ChartVLMError(f"num_train_epochs must be positive (or set max_steps), got {self.num_train_epochs}")
+        losses = GRPO_LOSS_TYPES if self.method == "grpo" else ("nll",)
+        self.loss_type = self.loss_type or losses[0]
+        if self.loss_type not in losses:
+            raise ChartVLMError(f"loss_type for method {self.method} must be one of {', '.join(losses)}, got "
+                                f"{self.loss_type!r}")
+        if self.shuffle_dataset is None:
+            self.shuffle_dataset = self.method == "grpo"
         super().__post_init__()
 
 
@@ -390,7 +410,8 @@ class RewardArguments:
 def grpo_arguments() -> type:
     """The grpo section: RewardArguments and every GRPOConfig option SFTConfig lacks (num_generations, beta,
     temperature, use_vllm, ...), with TRL's help texts and defaults but those in _GRPO_DEFAULTS. Built from TRL's
-    own dataclass, so every GRPO option stays reachable as it is for SFT."""
+    own dataclass, so every GRPO option stays reachable as it is for SFT; the options both configs have
+    (loss_type, shuffle_dataset, ...) are TrainConfig's, with a default per method."""
     import typing
 
     from trl import GRPOConfig
@@ -549,15 +570,19 @@ def completion_tokens(config: RunConfig) -> int:
 
 def apply_reasoning_defaults(config: RunConfig) -> None:
     """With reasoning, options the user left alone follow it: the reasoning system prompt, and room for the
-    reasoning in every generation (evaluation, predict, samples); a trained folder records them for later runs."""
-    if not config.data.reasoning:
-        return
-    if "system_message" not in config.explicit:
-        config.data.system_message = REASONING_SYSTEM_MESSAGE
-    room = completion_tokens(config)
-    for name in ("max_new_tokens", "eval_max_new_tokens"):
-        if name not in config.explicit:
-            setattr(config.eval, name, room)
+    reasoning in every generation (evaluation, predict, samples); a trained folder records them for later runs.
+    When the user chose `reasoning` (true or false), the options it sets count as chosen too, so they win over
+    what a trained folder recorded: `eval --reasoning false` asks a reasoning model for bare answers."""
+    derived = {"system_message", "max_new_tokens", "eval_max_new_tokens"} - config.explicit
+    if config.data.reasoning:
+        if "system_message" in derived:
+            config.data.system_message = REASONING_SYSTEM_MESSAGE
+        room = completion_tokens(config)
+        for name in ("max_new_tokens", "eval_max_new_tokens"):
+            if name in derived:
+                setattr(config.eval, name, room)
+    if "reasoning" in config.explicit:
+        config.explicit = config.explicit | derived
 
 
 def load_run_config(folder: str | Path) -> dict:

@@ -19,7 +19,8 @@ import functools
 import logging
 import math
 
-from trl import GRPOConfig, GRPOTrainer
+from transformers import TrainerCallback
+from trl import GRPOConfig, GRPOTrainer, SFTConfig
 
 from chartvlm.checkpoints import AtomicSaves
 from chartvlm.config import RunConfig, completion_tokens
@@ -80,8 +81,11 @@ def grpo_arguments(config: RunConfig, processor, reward_weights: list[float]) ->
 
     train, grpo = config.train, config.grpo
     renamed = {"gradient_checkpointing", "gradient_checkpointing_kwargs"}  # passed under their new names
-    options = {f.name: getattr(train, f.name) for f in dataclasses.fields(TrainingArguments)
-               if f.init and f.name not in renamed}
+    # The Trainer's options, and those TRL's two configs share (loss_type, shuffle_dataset, ...), from config.train.
+    shared = {f.name for f in dataclasses.fields(TrainingArguments)} | (
+        {f.name for f in dataclasses.fields(GRPOConfig)} & {f.name for f in dataclasses.fields(SFTConfig)})
+    options = {f.name: getattr(train, f.name) for f in dataclasses.fields(GRPOConfig)
+               if f.init and f.name in shared and f.name not in renamed}
     own = {f.name for f in dataclasses.fields(RewardArguments)}
     options.update({f.name: getattr(grpo, f.name) for f in dataclasses.fields(grpo) if f.init and f.name not in own})
     options.update(generation_batch(config, world_size()), reward_weights=reward_weights,
@@ -89,8 +93,32 @@ def grpo_arguments(config: RunConfig, processor, reward_weights: list[float]) ->
                    max_completion_length=completion_tokens(config))
     try:
         return GRPOConfig(**options)
-    except ValueError as error:
+    except (ValueError, TypeError, ArithmeticError) as error:
         raise ChartVLMError(f"invalid GRPO configuration: {error}") from None
+
+
+def check_grpo_config(config: RunConfig) -> None:
+    """GRPO's options, the rewards (user modules imported) and TRL's own checks of its config, before any data
+    or weights are read: a wrong value costs seconds, not a model load."""
+    from chartvlm.rewards import build_rewards
+
+    grpo = config.grpo
+    if isinstance(grpo.num_generations, bool) or not isinstance(grpo.num_generations, int) or \
+            grpo.num_generations < 2:
+        raise ChartVLMError(f"num_generations must be a whole number of at least 2 (a group needs two answers to "
+                            f"compare), got {grpo.num_generations!r}")
+    if not isinstance(grpo.temperature, (int, float)) or not grpo.temperature > 0:
+        raise ChartVLMError(f"temperature must be positive (GRPO samples its answers), got {grpo.temperature!r}")
+    for name in ("generation_batch_size", "steps_per_generation", "num_iterations"):
+        value = getattr(grpo, name)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ChartVLMError(f"{name} must be a whole number of at least 1, got {value!r}")
+    if not isinstance(grpo.beta, (int, float)) or not grpo.beta >= 0:
+        raise ChartVLMError(f"beta (the KL coefficient) must not be negative, got {grpo.beta!r}")
+    _, weights = build_rewards(grpo.rewards, metric=config.eval.metric, reasoning=config.data.reasoning,
+                               max_completion_length=completion_tokens(config),
+                               length_penalty_buffer=grpo.length_penalty_buffer)
+    grpo_arguments(config, None, weights)
 
 
 def end_on_answer_end(model, tokenizer) -> None:
@@ -105,8 +133,40 @@ def end_on_answer_end(model, tokenizer) -> None:
         model.generation_config.eos_token_id = [end, *declared]
 
 
+def steps_per_round(args: GRPOConfig) -> int:
+    """Optimizer steps from one generation round to the next: a round's completions feed steps_per_generation x
+    num_iterations micro-batches, and an optimizer step takes gradient_accumulation_steps of them."""
+    micro_steps = args.steps_per_generation * args.num_iterations
+    return micro_steps // math.gcd(micro_steps, args.gradient_accumulation_steps)
+
+
+class SaveAtRoundEnds(TrainerCallback):
+    """Checkpoints only where a generation round ends. TRL keeps the round's completions in memory, not in a
+    checkpoint: resumed mid-round, it would sample new ones for the rest of the round and the run would no
+    longer be the uninterrupted one. A save due mid-round (save_steps, or a signal's) waits for the round's
+    last step; those steps train on completions already generated, so the wait is short."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+        self.pending = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.steps == 0 or state.global_step >= state.max_steps:
+            if self.pending:
+                control.should_save, self.pending = True, False
+            return control
+        if control.should_save:
+            control.should_save, self.pending = False, True
+        if control.should_training_stop:  # a signal (chartvlm.interrupt): stop, and save, at the round's end
+            control.should_training_stop = False
+            logger.info("finishing the generation round first (%d more steps)", -state.global_step % self.steps)
+        return control
+
+
 class ChartGRPOTrainer(AtomicSaves, GRPOTrainer):
     """GRPOTrainer with chartvlm's saves and resume, one saved adapter, and sample completions in the logs."""
+
+    _samples_shown: list | None = None  # the completions log_samples showed last
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         # TRL continues a pretrained adapter against a frozen copy of it (adapter "ref"); only the trained one is
@@ -121,10 +181,12 @@ class ChartGRPOTrainer(AtomicSaves, GRPOTrainer):
             self.log_samples()
 
     def log_samples(self) -> None:
-        """The last SAMPLES_PER_LOG completions with their rewards: console and TensorBoard (text)."""
+        """The last SAMPLES_PER_LOG completions with their rewards: console and TensorBoard (text); nothing at a
+        step of a round whose samples were shown already (completions are generated once per round)."""
         completions = list(self._logs["completion"])[-SAMPLES_PER_LOG:]
-        if not completions:
+        if not completions or completions == self._samples_shown:
             return
+        self._samples_shown = completions
         start = len(self._logs["completion"]) - len(completions)
         prompts = list(self._logs["prompt"])[start:]
         rewards = {name: list(values)[start:] for name, values in self._logs["rewards"].items()}
@@ -213,4 +275,8 @@ def build_grpo_trainer(model, processor, config: RunConfig, train_data, eval_dat
         check_lora_model(trainer.model, family)
         log_trainable(trainer.model, config.model.tuning)
     skip_frozen_vision_backward(trainer.model)
+    rounds = steps_per_round(args)
+    if rounds > 1:
+        trainer.add_callback(SaveAtRoundEnds(rounds))  # after the interrupt callback: it may defer that one's stop
+        logger.info("a generation round spans %d optimizer steps: checkpoints are taken at a round's end", rounds)
     return trainer

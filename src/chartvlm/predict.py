@@ -37,14 +37,13 @@ class InferenceSetup:
         """The conversation for one image and question, as predict and evaluation build it (the prompt style's
         question, the trained system prompt unless `system_message` is given; None: no system turn). Text
         holding a control string raises BadSampleError naming `where`."""
-        from chartvlm.prompts import build_messages, check_user_text
+        from chartvlm.prompts import build_messages, check_system_message, check_user_text
 
         check_user_text(question, "question", where, self.controls)
         trained = system_message is TRAINED
         system = self.asked.system_message if trained else system_message
         if system is not None:
-            check_user_text(system, "system message", "the trained system_message" if trained else where,
-                            self.controls)
+            check_system_message(system, "the trained system_message" if trained else where, self.controls)
         return build_messages(image, self.asked.style.question(question, self.family), system_message=system)
 
 

@@ -23,6 +23,8 @@ SYSTEM_MESSAGE = (
     "values) and reply with only the answer: a single word, a number or a short phrase, with no "
     "explanation. Write numbers without thousands separators or units."
 )
+# The tags of that block (single tokens in Qwen3's vocabularies, plain text in Qwen2's).
+REASONING_TAGS = ("<think>", "</think>")
 # With `reasoning: true` (GRPO): the reasoning comes first, in a block `extract_answer` removes.
 REASONING_SYSTEM_MESSAGE = (
     "You answer questions about chart images. Read the chart carefully (axes, legend, labels and "
@@ -175,6 +177,12 @@ def control_tokens(tokenizer) -> tuple[str, ...]:
     """The strings a tokenizer turns into one control token wherever they appear in a text: its added tokens
     (`<|im_start|>`, `<|image_pad|>`, `<think>`, ...), longest first."""
     return tuple(sorted({token.content for token in tokenizer.added_tokens_decoder.values()}, key=len, reverse=True))
+
+
+def check_system_message(text: str, where: str, tokens: tuple[str, ...]) -> None:
+    """check_user_text for a system prompt, which may name the reasoning tags: REASONING_SYSTEM_MESSAGE asks for
+    <think>...</think>, and in Qwen3's vocabularies those are the very tokens a reasoning answer is written with."""
+    check_user_text(text, "system message", where, tuple(token for token in tokens if token not in REASONING_TAGS))
 
 
 def check_user_text(text: str, field: str, where: str, tokens: tuple[str, ...]) -> None:

@@ -14,6 +14,7 @@ import html
 import io
 import json
 import logging
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -484,6 +485,12 @@ def _rewards_logged(log_history: list[dict]) -> list[dict]:
     return [entry for entry in log_history if "step" in entry and "reward" in entry]
 
 
+def _logged(entry: dict, key: str) -> float:
+    """A logged number, NaN where it is missing or None (TRL logs None for a reward that scored nothing)."""
+    value = entry.get(key)
+    return float("nan") if value is None else float(value)
+
+
 def reward_curves_png(log_history: list[dict]) -> bytes | None:
     """GRPO's logged rewards over the steps (`Trainer.state.log_history`): the weighted total and each reward's
     mean with a band of one standard deviation, the KL to the starting model, and the completion lengths.
@@ -500,18 +507,18 @@ def reward_curves_png(log_history: list[dict]) -> bytes | None:
     rewards, kl, lengths = fig.subplots(1, 3)
     for label, mean_key, std_key in [("total (weighted)", "reward", "reward_std"),
                                      *((name, f"rewards/{name}/mean", f"rewards/{name}/std") for name in names)]:
-        mean = [entry.get(mean_key, float("nan")) for entry in entries]
-        std = [entry.get(std_key, 0.0) or 0.0 for entry in entries]
+        mean = [_logged(entry, mean_key) for entry in entries]
+        std = [0.0 if math.isnan(value) else value for value in (_logged(entry, std_key) for entry in entries)]
         line, = rewards.plot(steps, mean, "o-" if len(steps) < 30 else "-", label=label, markersize=3)
         rewards.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                              color=line.get_color(), alpha=0.15)
     rewards.set_title("rewards (mean, ±1 std)")
     rewards.legend(fontsize=8)
     if any("kl" in entry for entry in entries):
-        kl.plot(steps, [entry.get("kl", float("nan")) for entry in entries], "-", color="tab:red")
+        kl.plot(steps, [_logged(entry, "kl") for entry in entries], "-", color="tab:red")
     kl.set_title("KL to the starting model" if any("kl" in e for e in entries) else "KL (not computed: beta 0)")
     for key, label in (("completions/mean_length", "mean"), ("completions/max_length", "longest")):
-        lengths.plot(steps, [entry.get(key, float("nan")) for entry in entries], "-", label=label)
+        lengths.plot(steps, [_logged(entry, key) for entry in entries], "-", label=label)
     lengths.set_title("completion length (tokens)")
     lengths.legend(fontsize=8)
     for ax in (rewards, kl, lengths):

@@ -14,7 +14,11 @@ their weights (`rewards: {relaxed_accuracy: 1.0, format: 0.5}`); GRPO maximises 
 from __future__ import annotations
 
 import importlib
+import inspect
+import math
+import os
 import re
+import sys
 from collections.abc import Callable
 
 from chartvlm.errors import ChartVLMError
@@ -84,11 +88,14 @@ def _named(function: Callable, name: str, **settings) -> Callable:
 
 
 def user_reward(spec: str) -> Callable:
-    """The function a "module:function" entry names (the module importable, e.g. from the working folder)."""
+    """The function a "module:function" entry names (a module installed, on PYTHONPATH or in the working
+    folder), logged under `spec` and checked on every call (`checked_rewards`)."""
     module_name, _, function_name = spec.partition(":")
     if not module_name or not function_name:
         raise ChartVLMError(f"rewards: {spec!r} is neither a chartvlm reward ({', '.join(BUILT_IN)}) nor "
                             "'module:function'")
+    if os.getcwd() not in sys.path and "" not in sys.path:  # `python -m` puts it there; console scripts do not
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
@@ -96,7 +103,42 @@ def user_reward(spec: str) -> Callable:
     function = getattr(module, function_name, None)
     if not callable(function):
         raise ChartVLMError(f"rewards: {module_name} has no function {function_name!r} ({spec!r})")
-    return function
+    return checked_rewards(function, spec)
+
+
+def checked_rewards(function: Callable, name: str) -> Callable:
+    """`function` (sync or async) under `name`, its result checked: one reward per completion, each a finite
+    number or None (NaN counts as None, as in TRL). A wrong result stops training with a message naming the
+    reward, not a tensor error."""
+
+    def check(rewards, completions) -> list:
+        if isinstance(rewards, (str, bytes)) or not hasattr(rewards, "__len__"):
+            raise ChartVLMError(f"reward {name} returned {type(rewards).__name__}, not a list of one reward per "
+                                "completion")
+        if len(rewards) != len(completions):
+            raise ChartVLMError(f"reward {name} returned {len(rewards)} rewards for {len(completions)} completions "
+                                "(one per completion, None for one it does not score)")
+        for i, value in enumerate(rewards):
+            if value is not None and (isinstance(value, (str, bytes, bool)) or not _is_number(value)):
+                raise ChartVLMError(f"reward {name} returned {value!r} for completion {i}: a reward is a finite "
+                                    "number, or None (or NaN) for a completion it does not score")
+        return list(rewards)
+
+    if inspect.iscoroutinefunction(function):
+        async def reward(**kwargs):
+            return check(await function(**kwargs), kwargs["completions"])
+    else:
+        def reward(**kwargs):
+            return check(function(**kwargs), kwargs["completions"])
+    reward.__name__ = reward.__qualname__ = name
+    return reward
+
+
+def _is_number(value) -> bool:
+    try:
+        return not math.isinf(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 BUILT_IN = ("relaxed_accuracy", "format", "length_penalty")

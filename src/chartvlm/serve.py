@@ -40,6 +40,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -50,6 +51,8 @@ logger = logging.getLogger(__name__)
 PAGE_FILE = "serve_page.html"
 # How often a waiting request checks whether its client is still connected.
 DISCONNECT_POLL_S = 0.05
+# The largest max_tokens a request may ask for, unless the model's own answer length is longer.
+MAX_TOKENS_LIMIT = 512
 # Seconds a client is told to wait when the queue is full.
 RETRY_AFTER_S = 1
 # Request fields chartvlm serves only at their neutral value: field -> (accepted values, why).
@@ -63,6 +66,7 @@ NEUTRAL_ONLY = {
     "stop": ((None, "", ()), "answers end at <|im_end|>, as the model was trained"),
     "tools": ((None, ()), "tools are not supported"),
     "response_format": ((None, {"type": "text"}), "answers are plain text"),
+    "logit_bias": ((None, {}), "decoding is greedy over the model's own scores, as evaluation's"),
 }
 
 
@@ -84,6 +88,12 @@ class ServerArguments:
     force_adapter: bool = field(
         default=False, metadata={"help": "Apply the adapter even if it was trained on another base model."})
 
+    def __post_init__(self):
+        if not 0 <= self.port <= 65535:
+            raise ChartVLMError(f"port must be from 0 to 65535, got {self.port}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ChartVLMError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+
 
 @dataclass
 class ServeLimits:
@@ -103,7 +113,9 @@ class ServeLimits:
     max_image_pixels: int = field(
         default=25_000_000, metadata={"help": "Largest image (width x height, read from its header before any "
                                               "decoding); Pillow's decompression-bomb limits apply too."})
-    max_tokens_limit: int = field(default=512, metadata={"help": "Largest max_tokens a request may ask for."})
+    max_tokens_limit: int | None = field(
+        default=None, metadata={"help": f"Largest max_tokens a request may ask for (default: {MAX_TOKENS_LIMIT}, or the "
+                                        "model's own answer length where that is longer, e.g. a reasoning model's)."})
     max_text_chars: int = field(
         default=4000, metadata={"help": "Longest question, and longest system message, in characters (a prompt's "
                                         "length is the model's work, which no timeout can stop once it runs)."})
@@ -118,7 +130,7 @@ class ServeLimits:
     def __post_init__(self):
         for name in ("max_batch", "queue_size", "max_body_bytes", "max_image_pixels", "max_tokens_limit",
                      "max_text_chars", "image_workers"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ChartVLMError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("request_timeout", "image_url_timeout"):
             if getattr(self, name) <= 0:
@@ -163,7 +175,7 @@ def load_served_model(arguments: ServerArguments) -> ServedModel:
     from chartvlm.fingerprint import model_digest
     from chartvlm.modeling import check_adapter, check_model_folder, load_model
     from chartvlm.predict import inference_setup
-    from chartvlm.prompts import check_user_text
+    from chartvlm.prompts import check_system_message
 
     check_model_folder(arguments.model)
     if arguments.adapter:
@@ -172,8 +184,7 @@ def load_served_model(arguments: ServerArguments) -> ServedModel:
     setup = inference_setup(arguments.model, arguments.adapter, flags, prog="chartvlm serve")
     if setup.asked.system_message is not None:
         try:
-            check_user_text(setup.asked.system_message, "system message", "the trained system_message",
-                            setup.controls)
+            check_system_message(setup.asked.system_message, "the trained system_message", setup.controls)
         except BadSampleError as error:
             raise ChartVLMError(str(error)) from None
     model = load_model(arguments.model, adapter=arguments.adapter, force_adapter=arguments.force_adapter)
@@ -473,7 +484,8 @@ def _image_source(url: str, param: str, limits: ServeLimits) -> tuple[bytes | No
         if media and not media.startswith("image/") and media != "application/octet-stream":
             raise ApiError(400, f"{param}: the data URI's media type is {_echo(media)}, not an image", param=param)
         try:
-            return base64.b64decode(payload, validate=True), None
+            # Line breaks are legal in base64 (MIME's 76-character lines); anything else outside its alphabet is not.
+            return base64.b64decode("".join(payload.split()), validate=True), None
         except (binascii.Error, ValueError) as error:
             raise ApiError(400, f"{param}: the data URI's base64 is corrupt ({error})", param=param) from None
     if url.startswith(("http://", "https://")):
@@ -586,6 +598,8 @@ def create_app(served: ServedModel, limits: ServeLimits | None = None):
     from starlette.exceptions import HTTPException
 
     limits = limits or ServeLimits()
+    if limits.max_tokens_limit is None:
+        limits = dataclasses.replace(limits, max_tokens_limit=max(MAX_TOKENS_LIMIT, served.setup.asked.max_new_tokens))
     batcher = Batcher(served.answer, limits.max_batch, limits.batch_window_ms / 1000, limits.queue_size)
     page = files("chartvlm").joinpath(PAGE_FILE).read_text(encoding="utf-8")
     started = int(time.time())
@@ -725,7 +739,7 @@ def run_server(arguments: ServerArguments, limits: ServeLimits) -> None:
     import uvicorn
 
     served = load_served_model(arguments)
-    if served.setup.asked.max_new_tokens > limits.max_tokens_limit:
+    if limits.max_tokens_limit is not None and served.setup.asked.max_new_tokens > limits.max_tokens_limit:
         raise ChartVLMError(f"the default answer length ({served.setup.asked.max_new_tokens} new tokens) is above "
                             f"--max_tokens_limit {limits.max_tokens_limit}; raise the limit or pass --max_new_tokens")
     app = create_app(served, limits)

@@ -31,8 +31,12 @@ def check_config(config: RunConfig) -> None:
     if config.train.method == "sft" and config.data.reasoning:
         raise ChartVLMError("reasoning: true trains with method grpo: the labels hold no reasoning for SFT to "
                             "supervise, only the answers")
-    if config.train.method == "grpo" and completion_tokens(config) < 1:
-        raise ChartVLMError(f"max_completion_length must be at least 1, got {completion_tokens(config)}")
+    if config.train.method == "grpo":
+        from chartvlm.grpo import check_grpo_config
+
+        if completion_tokens(config) < 1:
+            raise ChartVLMError(f"max_completion_length must be at least 1, got {completion_tokens(config)}")
+        check_grpo_config(config)
     from chartvlm.distributed import world_size
 
     if world_size() > 1 and config.train.world_size != world_size():
@@ -278,9 +282,16 @@ def save_outputs(trainer, processor, config: RunConfig, base: dict) -> Path:
     def extras(folder: Path) -> None:
         config.save(folder)
         atomic_write_json(folder / BASE_RECORD, base)
-        plot_loss_curve(trainer.state.log_history, folder / "loss_curve.png")
+        plots = [(plot_loss_curve, "loss_curve.png")]
         if config.train.method == "grpo":
-            plot_reward_curves(trainer.state.log_history, folder / REWARD_CURVES)
+            plots.append((plot_reward_curves, REWARD_CURVES))
+        for plot, name in plots:
+            try:
+                plot(trainer.state.log_history, folder / name)
+            except OSError:  # the disk: the save fails as a whole, with its message
+                raise
+            except Exception as error:  # noqa: BLE001 - a picture never costs the trained model
+                logger.warning("%s not drawn (%s: %s); the model is saved", name, type(error).__name__, error)
 
     out = Path(config.train.output_dir)
     trainer.final_extras = extras
@@ -301,7 +312,7 @@ def main(config: RunConfig | None = None) -> Path:
     from chartvlm.interrupt import InterruptCallback, TrainingInterrupted
     from chartvlm.io import ensure_writable_dir
     from chartvlm.modeling import base_record, check_adapter, check_model_folder, load_model, load_processor
-    from chartvlm.prompts import check_user_text, control_tokens
+    from chartvlm.prompts import check_system_message, control_tokens
 
     if config is None:
         from chartvlm.config import parse_config
@@ -324,7 +335,7 @@ def main(config: RunConfig | None = None) -> Path:
     controls = control_tokens(processor.tokenizer)
     system = config.data.system_message
     try:
-        check_user_text(system, "system message", "system_message", controls)
+        check_system_message(system, "system_message", controls)
     except BadSampleError as error:
         raise ChartVLMError(str(error)) from None
     skipped = SkippedRows(config.data.on_bad_sample or "skip")
