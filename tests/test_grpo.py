@@ -381,6 +381,10 @@ def test_an_sft_run_has_no_reward_section_and_its_eval_records_no_reasoning(tiny
     (["--rewards", '{"length_penalty": 1}', "--length_penalty_buffer", "64"], "longer than max_completion_length"),
     (["--max_completion_length", "0"], "max_completion_length must be at least 1"),
     (["--method", "sft", "--reasoning", "true"], "reasoning: true trains with method grpo"),
+    (["--loss_type", "nll"], "loss_type for method grpo must be one of dapo, grpo, dr_grpo"),
+    (["--method", "sft", "--loss_type", "dft"], "loss_type for method sft must be one of nll, got 'dft'"),
+    (["--generation_batch_size", "4", "--eval_strategy", "steps", "--eval_steps", "2", "--save_steps", "2",
+      "--save_strategy", "steps", "--load_best_model_at_end", "true"], "a generation round spans 2 optimizer steps"),
 ])
 def test_bad_grpo_runs_fail_before_any_data_or_weights_are_read(flags, message, tiny_model_dir, chart_dataset_dir,
                                                                  tmp_path, monkeypatch):

@@ -166,7 +166,7 @@ def test_a_user_reward_module_in_the_working_folder_is_found(tmp_path, monkeypat
 @pytest.mark.parametrize("spec,message", [
     ("acuracy", "neither a chartvlm reward (relaxed_accuracy, format, length_penalty) nor 'module:function'"),
     ("no_such_module_xyz:f", "cannot import 'no_such_module_xyz'"),
-    ("grpo_rewards:missing", "grpo_rewards has no function 'missing'"),
+    ("grpo_rewards:missing", "grpo_rewards.py) has no function 'missing'"),  # named with its file: which module was found
     ("grpo_rewards:", "neither a chartvlm reward"),
 ])
 def test_a_reward_that_cannot_be_found_is_named(spec, message):
@@ -202,8 +202,7 @@ def test_rewards_and_weights_come_from_yaml_or_a_json_flag(tmp_path):
     (["--length_penalty_buffer", "0"], "length_penalty_buffer must be at least 1"),
     (["--method", "grpo", "--packing", "true"], None),  # refused when training starts (train.check_config)
     (["--init_adapter", "x", "--tuning", "full"], "merge it into its base first"),
-    (["--loss_type", "dft"], "loss_type for method sft must be one of nll, got 'dft'"),  # SFT's loss is chartvlm's
-    (["--method", "grpo", "--loss_type", "nll"], "loss_type for method grpo must be one of dapo, grpo, dr_grpo"),
+
 ])
 def test_bad_grpo_options_are_one_clear_message(flags, message):
     if message is None:
@@ -234,15 +233,32 @@ def test_reasoning_sets_the_prompt_and_the_room_to_think_unless_the_user_did():
 
 @pytest.mark.parametrize("trained_with", [False, True], ids=["plain-model", "reasoning-model"])
 def test_a_reasoning_flag_at_evaluation_wins_over_what_the_model_was_trained_with(trained_with, tmp_path):
-    """`eval --reasoning X` on a model trained the other way: the prompt and the room to think follow the flag,
-    not the trained folder (which still gives them when the flag is absent)."""
+    """`eval --reasoning X` on a model trained the other way: the prompt and the room to think follow the flag.
+    The same flag as trained changes nothing (the trained prompt and limits stay), and a harness's fixed
+    new-token limit stays whatever the flag."""
     from chartvlm.prompts import REASONING_SYSTEM_MESSAGE, SYSTEM_MESSAGE
     from chartvlm.settings import resolve
 
-    parse_config(["--method", "grpo", "--reasoning", str(trained_with).lower()]).save(tmp_path)
-    inherited = resolve(parse_config([]), str(tmp_path), log=False)
-    asked = resolve(parse_config(["--reasoning", str(not trained_with).lower()]), str(tmp_path), log=False)
-    for settings, reasoning in ((inherited, trained_with), (asked, not trained_with)):
-        assert settings.reasoning is reasoning
-        assert settings.system_message == (REASONING_SYSTEM_MESSAGE if reasoning else SYSTEM_MESSAGE)
-        assert (settings.max_new_tokens, settings.eval_max_new_tokens) == ((1024, 1024) if reasoning else (128, 32))
+    parse_config(["--method", "grpo", "--reasoning", str(trained_with).lower(), "--system_message", "Be brief.",
+                  "--max_new_tokens", "300", "--eval_max_new_tokens", "300"]).save(tmp_path)
+    trained = ("Be brief.", 300, 300)
+    other = (SYSTEM_MESSAGE, 128, 32) if trained_with else (REASONING_SYSTEM_MESSAGE, 1024, 1024)
+    for flags, reasoning, expected in (([], trained_with, trained),
+                                       (["--reasoning", str(trained_with).lower()], trained_with, trained),
+                                       (["--reasoning", str(not trained_with).lower()], not trained_with, other)):
+        settings = resolve(parse_config(flags), str(tmp_path), log=False)
+        assert settings.reasoning is reasoning, flags
+        assert (settings.system_message, settings.max_new_tokens, settings.eval_max_new_tokens) == expected, flags
+    harness = resolve(parse_config(["--prompt_style", "lmms-eval", "--reasoning", str(not trained_with).lower()]),
+                      str(tmp_path), log=False)
+    assert (harness.system_message, harness.eval_max_new_tokens, harness.reasoning) == (None, 16, False)
+
+
+def test_a_grpo_run_s_config_saved_before_loss_type_reached_grpo_still_evaluates(tmp_path):
+    """Such files record SFT's loss_type nll under method grpo: evaluation reads them; training says what to do."""
+    from chartvlm.train import check_config
+
+    (tmp_path / "old.yaml").write_text("train:\n  method: grpo\n  loss_type: nll\n")
+    config = parse_config(["--config", str(tmp_path / "old.yaml")])
+    with pytest.raises(ChartVLMError, match="records SFT's nll: drop the line"):
+        check_config(config)

@@ -747,9 +747,14 @@ def test_the_page_answers_an_uploaded_chart_in_headless_chromium(server, served,
     assert text("answer") == ""
 
 
-def test_serve_refuses_bad_options_in_one_line(model_dir, tmp_path, capsys):
+def test_serve_refuses_bad_options_in_one_line_before_loading_the_weights(model_dir, tmp_path, capsys, monkeypatch):
+    import chartvlm.modeling
     from chartvlm import cli
 
+    def no_loading(*args, **kwargs):
+        raise AssertionError("refused options must not load the weights")
+
+    monkeypatch.setattr(chartvlm.modeling, "load_model", no_loading)
     for argv, message in ((["--model", str(tmp_path / "missing")], "no such model folder"),
                           (["--model", str(model_dir), "--max_batch", "0"], "max_batch must be at least 1, got 0"),
                           (["--model", str(model_dir), "--max_tokens_limit", "4"],
@@ -759,7 +764,7 @@ def test_serve_refuses_bad_options_in_one_line(model_dir, tmp_path, capsys):
                            "max_new_tokens must be at least 1, got 0")):
         assert cli.main(["serve", *argv]) == 2
         err = capsys.readouterr().err
-        last = err.splitlines()[-1]  # after the weights' loading bar, when the model was loaded
+        last = err.splitlines()[-1]
         assert last.startswith("chartvlm serve: error: ") and message in last and "Traceback" not in err
 
 

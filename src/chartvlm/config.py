@@ -37,6 +37,8 @@ DEFAULT_MAX_PIXELS = 1280 * PIXELS_PER_TOKEN
 BACKENDS = ("inprocess", "openai")
 # How `chartvlm train` trains: supervised fine-tuning on the labels, or GRPO with the ChartQA metric as the reward.
 METHODS = ("sft", "grpo")
+# The options `reasoning` sets when the user leaves them alone (apply_reasoning_defaults).
+REASONING_DERIVED = ("system_message", "max_new_tokens", "eval_max_new_tokens")
 # TRL's GRPO losses (GRPOConfig.loss_type's help), its default first. SFT has one: the answer-only cross-entropy.
 GRPO_LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo")
 # New tokens a reasoning answer may take (<think>...</think> then the answer) when max_completion_length is not set;
@@ -344,14 +346,15 @@ class TrainConfig(SFTConfig):
             raise ChartVLMError("packing needs max_length: the token budget of each packed row")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ChartVLMError(f"num_train_epochs must be positive (or set max_steps), got {self.num_train_epochs}")
-        losses = GRPO_LOSS_TYPES if self.method == "grpo" else ("nll",)
-        self.loss_type = self.loss_type or losses[0]
-        if self.loss_type not in losses:
-            raise ChartVLMError(f"loss_type for method {self.method} must be one of {', '.join(losses)}, got "
-                                f"{self.loss_type!r}")
+        # Checked when training starts (train.check_config): evaluating with a run's saved file needs no loss.
+        self.loss_type = self.loss_type or self.loss_types()[0]
         if self.shuffle_dataset is None:
             self.shuffle_dataset = self.method == "grpo"
         super().__post_init__()
+
+    def loss_types(self) -> tuple[str, ...]:
+        """The losses `method` trains with, its default first."""
+        return GRPO_LOSS_TYPES if self.method == "grpo" else ("nll",)
 
 
 # The ChartQA rewards chartvlm has (chartvlm.rewards); a "module:function" entry names a user's own.
@@ -570,19 +573,16 @@ def completion_tokens(config: RunConfig) -> int:
 
 def apply_reasoning_defaults(config: RunConfig) -> None:
     """With reasoning, options the user left alone follow it: the reasoning system prompt, and room for the
-    reasoning in every generation (evaluation, predict, samples); a trained folder records them for later runs.
-    When the user chose `reasoning` (true or false), the options it sets count as chosen too, so they win over
-    what a trained folder recorded: `eval --reasoning false` asks a reasoning model for bare answers."""
-    derived = {"system_message", "max_new_tokens", "eval_max_new_tokens"} - config.explicit
-    if config.data.reasoning:
-        if "system_message" in derived:
-            config.data.system_message = REASONING_SYSTEM_MESSAGE
-        room = completion_tokens(config)
-        for name in ("max_new_tokens", "eval_max_new_tokens"):
-            if name in derived:
-                setattr(config.eval, name, room)
-    if "reasoning" in config.explicit:
-        config.explicit = config.explicit | derived
+    reasoning in every generation (evaluation, predict, samples); a trained folder records them for later runs
+    (settings.resolve: a `reasoning` flag that differs from the folder's brings these values with it)."""
+    if not config.data.reasoning:
+        return
+    if "system_message" not in config.explicit:
+        config.data.system_message = REASONING_SYSTEM_MESSAGE
+    room = completion_tokens(config)
+    for name in REASONING_DERIVED[1:]:
+        if name not in config.explicit:
+            setattr(config.eval, name, room)
 
 
 def load_run_config(folder: str | Path) -> dict:

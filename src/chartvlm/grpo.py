@@ -118,7 +118,13 @@ def check_grpo_config(config: RunConfig) -> None:
     _, weights = build_rewards(grpo.rewards, metric=config.eval.metric, reasoning=config.data.reasoning,
                                max_completion_length=completion_tokens(config),
                                length_penalty_buffer=grpo.length_penalty_buffer)
-    grpo_arguments(config, None, weights)
+    args = grpo_arguments(config, None, weights)
+    rounds = steps_per_round(args)
+    if rounds > 1 and (args.load_best_model_at_end or args.save_strategy == "best"):
+        raise ChartVLMError(f"a generation round spans {rounds} optimizer steps and checkpoints are taken at a round's "
+                            "end, so the best model's step may have none: keep the best model by evaluating the "
+                            "saved checkpoints with chartvlm eval, or make a round one step (generation_batch_size "
+                            "= per_device_train_batch_size x gradient_accumulation_steps x processes)")
 
 
 def end_on_answer_end(model, tokenizer) -> None:
@@ -146,12 +152,18 @@ class SaveAtRoundEnds(TrainerCallback):
     longer be the uninterrupted one. A save due mid-round (save_steps, or a signal's) waits for the round's
     last step; those steps train on completions already generated, so the wait is short."""
 
-    def __init__(self, steps: int):
-        self.steps = steps
+    def __init__(self, trainer: GRPOTrainer):
+        self.trainer = trainer
         self.pending = False
 
+    def at_round_end(self) -> bool:
+        # TRL's own micro-step counter decides when it generates (GRPOTrainer._prepare_inputs); it restarts at 0
+        # with the process, as a resumed run regenerates.
+        micro_steps = self.trainer.args.steps_per_generation * self.trainer.num_iterations
+        return self.trainer._step % micro_steps == 0  # noqa: SLF001
+
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step % self.steps == 0 or state.global_step >= state.max_steps:
+        if self.at_round_end() or state.global_step >= state.max_steps:
             if self.pending:
                 control.should_save, self.pending = True, False
             return control
@@ -159,7 +171,7 @@ class SaveAtRoundEnds(TrainerCallback):
             control.should_save, self.pending = False, True
         if control.should_training_stop:  # a signal (chartvlm.interrupt): stop, and save, at the round's end
             control.should_training_stop = False
-            logger.info("finishing the generation round first (%d more steps)", -state.global_step % self.steps)
+            logger.info("step %d: finishing the generation round before saving", state.global_step)
         return control
 
 
@@ -277,6 +289,6 @@ def build_grpo_trainer(model, processor, config: RunConfig, train_data, eval_dat
     skip_frozen_vision_backward(trainer.model)
     rounds = steps_per_round(args)
     if rounds > 1:
-        trainer.add_callback(SaveAtRoundEnds(rounds))  # after the interrupt callback: it may defer that one's stop
+        trainer.add_callback(SaveAtRoundEnds(trainer))  # after the interrupt callback: it may defer that one's stop
         logger.info("a generation round spans %d optimizer steps: checkpoints are taken at a round's end", rounds)
     return trainer

@@ -102,7 +102,9 @@ def user_reward(spec: str) -> Callable:
         raise ChartVLMError(f"rewards: cannot import {module_name!r} for {spec!r}: {error}") from None
     function = getattr(module, function_name, None)
     if not callable(function):
-        raise ChartVLMError(f"rewards: {module_name} has no function {function_name!r} ({spec!r})")
+        where = getattr(module, "__file__", None)
+        raise ChartVLMError(f"rewards: {module_name}{f' ({where})' if where else ''} has no function "
+                            f"{function_name!r} ({spec!r})")
     return checked_rewards(function, spec)
 
 

@@ -170,8 +170,9 @@ class ServedModel:
                 "generation": asked.generation, "digests": self.digests}
 
 
-def load_served_model(arguments: ServerArguments) -> ServedModel:
-    """Load the model (+ adapter) as `chartvlm predict` does and resolve how it is asked."""
+def load_served_model(arguments: ServerArguments, limits: ServeLimits | None = None) -> ServedModel:
+    """Load the model (+ adapter) as `chartvlm predict` does and resolve how it is asked; what `limits` refuse
+    is refused before the weights are read."""
     from chartvlm.fingerprint import model_digest
     from chartvlm.modeling import check_adapter, check_model_folder, load_model
     from chartvlm.predict import inference_setup
@@ -187,6 +188,10 @@ def load_served_model(arguments: ServerArguments) -> ServedModel:
             check_system_message(setup.asked.system_message, "the trained system_message", setup.controls)
         except BadSampleError as error:
             raise ChartVLMError(str(error)) from None
+    limit = limits and limits.max_tokens_limit
+    if limit is not None and setup.asked.max_new_tokens > limit:
+        raise ChartVLMError(f"the default answer length ({setup.asked.max_new_tokens} new tokens) is above "
+                            f"--max_tokens_limit {limit}; raise the limit or pass --max_new_tokens")
     model = load_model(arguments.model, adapter=arguments.adapter, force_adapter=arguments.force_adapter)
     model.eval()
     digests = {"model": model_digest(arguments.model),
@@ -738,10 +743,7 @@ def run_server(arguments: ServerArguments, limits: ServeLimits) -> None:
     """`chartvlm serve`: load the model, then serve until Ctrl-C."""
     import uvicorn
 
-    served = load_served_model(arguments)
-    if limits.max_tokens_limit is not None and served.setup.asked.max_new_tokens > limits.max_tokens_limit:
-        raise ChartVLMError(f"the default answer length ({served.setup.asked.max_new_tokens} new tokens) is above "
-                            f"--max_tokens_limit {limits.max_tokens_limit}; raise the limit or pass --max_new_tokens")
+    served = load_served_model(arguments, limits)
     app = create_app(served, limits)
     logger.info("serving %r at http://%s:%d  (page: /, API: /v1/chat/completions)", served.name, arguments.host,
                 arguments.port)

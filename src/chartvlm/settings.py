@@ -38,15 +38,20 @@ class InferenceSettings:
 
 def resolve(config, model_path: str, adapter: str | None = None, log: bool = True) -> InferenceSettings:
     """The settings to ask `model_path` (+ `adapter`) with, from `config` (a RunConfig) and the trained folder."""
-    from chartvlm.config import CONFIG_FILENAME, load_run_config
+    from chartvlm.config import CONFIG_FILENAME, REASONING_DERIVED, load_run_config
 
     folder = next((f for f in (adapter, model_path) if f and (Path(f) / CONFIG_FILENAME).is_file()), None)
     saved = load_run_config(folder) if folder else {}
+    # A reasoning flag other than the model's brings its prompt and token limits (`eval --reasoning false` asks a
+    # reasoning model for bare answers); one equal to the model's changes nothing.
+    chosen = set(config.explicit)
+    if "reasoning" in chosen and bool(saved.get("data", {}).get("reasoning", False)) != config.data.reasoning:
+        chosen |= set(REASONING_DERIVED)
     values, inherited, overridden = {}, [], []
     for section, name in INHERITED:
         current = getattr(getattr(config, section), name)
         recorded = saved.get(section, {}).get(name, current)
-        if name in config.explicit:
+        if name in chosen:
             values[name] = current
             if recorded != current:
                 overridden.append(name)
@@ -60,10 +65,11 @@ def resolve(config, model_path: str, adapter: str | None = None, log: bool = Tru
         values["min_pixels"], values["max_pixels"] = style.pixels
         fixed.append(f"pixels {style.pixels[0]:,}-{style.pixels[1]:,}")
     if style.max_new_tokens:
-        for name in ("max_new_tokens", "eval_max_new_tokens"):
-            if name not in config.explicit:
-                values[name] = style.max_new_tokens
-        fixed.append(f"at most {style.max_new_tokens} new tokens")
+        limited = [name for name in ("max_new_tokens", "eval_max_new_tokens") if name not in config.explicit]
+        for name in limited:
+            values[name] = style.max_new_tokens
+        if limited:
+            fixed.append(f"at most {style.max_new_tokens} new tokens")
     if not style.system:
         fixed.append("no system prompt")
     generation = config.eval.generation_config or style.generation

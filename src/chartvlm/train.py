@@ -28,6 +28,11 @@ def check_config(config: RunConfig) -> None:
         raise ChartVLMError("remove_unused_columns must be false: the collator builds batches from the raw rows")
     if config.train.method == "grpo" and config.train.packing:
         raise ChartVLMError("packing is for method sft: GRPO generates its completions, there is nothing to pack")
+    if config.train.loss_type not in config.train.loss_types():
+        hint = " (a chartvlm_config.yaml that GRPO runs wrote before loss_type reached GRPO records SFT's nll: " \
+               "drop the line)" if config.train.loss_type == "nll" else ""
+        raise ChartVLMError(f"loss_type for method {config.train.method} must be one of "
+                            f"{', '.join(config.train.loss_types())}, got {config.train.loss_type!r}{hint}")
     if config.train.method == "sft" and config.data.reasoning:
         raise ChartVLMError("reasoning: true trains with method grpo: the labels hold no reasoning for SFT to "
                             "supervise, only the answers")
