@@ -9,6 +9,7 @@ the chart and every equality below can fail). Nothing here reaches an address ot
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import http.server
 import io
@@ -459,17 +460,21 @@ class GatedModel(ServedModel):
         return super().answer(conversations, max_new_tokens)
 
 
-def gated(served) -> GatedModel:
-    return GatedModel(**{f.name: getattr(served, f.name) for f in fields(ServedModel)})
+@contextlib.contextmanager
+def gated_server(served, charts, limits: ServeLimits, workers: int):
+    """A server whose model answers nothing until `model.gate` is set, chart 0's request already held by its
+    worker: yields (model, the running server, a client, a pool of `workers` threads, the held request's future)."""
+    model = GatedModel(**{f.name: getattr(served, f.name) for f in fields(ServedModel)})
+    with ServerThread(create_app(model, limits)) as running, httpx.Client(base_url=running.url, timeout=60) as http_client, \
+            ThreadPoolExecutor(workers) as pool:
+        held = pool.submit(http_client.post, CHAT, json=ask(model.name, charts, 0))
+        wait_until(lambda: health(http_client)["batches"] == 1)
+        yield model, running, http_client, pool, held
 
 
 def test_a_full_queue_answers_503_with_retry_after(served, charts, single_answers):
-    model = gated(served)
     limits = ServeLimits(max_batch=1, batch_window_ms=0, queue_size=2)
-    with ServerThread(create_app(model, limits)) as running, httpx.Client(base_url=running.url, timeout=60) as http_client, \
-            ThreadPoolExecutor(3) as pool:
-        first = pool.submit(http_client.post, CHAT, json=ask(model.name, charts, 0))
-        wait_until(lambda: health(http_client)["batches"] == 1)  # the worker holds it
+    with gated_server(served, charts, limits, workers=3) as (model, _, http_client, pool, first):
         queued = [pool.submit(http_client.post, CHAT, json=ask(model.name, charts, i)) for i in (1, 2)]
         wait_until(lambda: health(http_client)["queued"] == 2)
         refused = http_client.post(CHAT, json=ask(model.name, charts, 3))
@@ -483,12 +488,8 @@ def test_a_full_queue_answers_503_with_retry_after(served, charts, single_answer
 
 
 def test_requests_out_of_time_get_504_and_are_dropped_unless_started(served, charts, single_answers):
-    model = gated(served)
     limits = ServeLimits(max_batch=1, batch_window_ms=0, request_timeout=1.0)
-    with ServerThread(create_app(model, limits)) as running, httpx.Client(base_url=running.url, timeout=60) as http_client, \
-            ThreadPoolExecutor(2) as pool:
-        started = pool.submit(http_client.post, CHAT, json=ask(model.name, charts, 0))
-        wait_until(lambda: health(http_client)["batches"] == 1)
+    with gated_server(served, charts, limits, workers=2) as (model, _, http_client, pool, started):
         waiting = pool.submit(http_client.post, CHAT, json=ask(model.name, charts, 1))
         for future in (started, waiting):
             response = future.result()
@@ -505,12 +506,8 @@ def test_requests_out_of_time_get_504_and_are_dropped_unless_started(served, cha
 
 
 def test_a_client_that_disconnects_leaves_no_work_running(served, charts, single_answers):
-    model = gated(served)
     limits = ServeLimits(max_batch=1, batch_window_ms=0)
-    with ServerThread(create_app(model, limits)) as running, httpx.Client(base_url=running.url, timeout=60) as http_client, \
-            ThreadPoolExecutor(1) as pool:
-        busy = pool.submit(http_client.post, CHAT, json=ask(model.name, charts, 0))
-        wait_until(lambda: health(http_client)["batches"] == 1)
+    with gated_server(served, charts, limits, workers=1) as (model, running, http_client, _, busy):
         payload = json.dumps(ask(model.name, charts, 1)).encode()
         host, port = running.url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port))) as leaving:

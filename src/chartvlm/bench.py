@@ -447,6 +447,14 @@ def bench_train(args) -> dict:
     return summarise("train", args, bench, rounds, rate)
 
 
+def alternating_rounds(names, rounds: int):
+    """(round index, name) for every name in every round, the order reversed every other round: a machine that
+    speeds up or slows down during the run weighs on every recipe alike."""
+    for index in range(rounds):
+        for name in (list(names) if index % 2 == 0 else list(reversed(names))):
+            yield index, name
+
+
 def interleaved_rounds(bench: Bench, recipes: dict, kind: str, run) -> tuple[dict[str, list[Result]], float]:
     """Every recipe `--rounds` times, in alternating order, and the device's matmul rate measured before each
     run: the peak is the highest of those measurements, so a moment when other work shared the machine cannot
@@ -454,13 +462,11 @@ def interleaved_rounds(bench: Bench, recipes: dict, kind: str, run) -> tuple[dic
     rounds: dict[str, list[Result]] = {name: [] for name in recipes}
     peak = 0.0
     with tempfile.TemporaryDirectory(prefix="chartvlm-bench-") as work:
-        for round_index in range(bench.args.rounds):
-            order = list(recipes) if round_index % 2 == 0 else list(reversed(recipes))
-            for name in order:
-                peak = max(peak, matmul_rate(bench.device, bench.dtype, seconds=0.5))
-                logger.info("%s recipe %s (round %d/%d)", kind, name, round_index + 1, bench.args.rounds)
-                rounds[name].append(run(name, Path(work)))
-                _free(bench.device)
+        for round_index, name in alternating_rounds(recipes, bench.args.rounds):
+            peak = max(peak, matmul_rate(bench.device, bench.dtype, seconds=0.5))
+            logger.info("%s recipe %s (round %d/%d)", kind, name, round_index + 1, bench.args.rounds)
+            rounds[name].append(run(name, Path(work)))
+            _free(bench.device)
     peak = max(peak, matmul_rate(bench.device, bench.dtype, seconds=0.5))
     return rounds, peak
 
@@ -700,12 +706,10 @@ def bench_serve(args) -> dict:
                 if response.status_code != 200:
                     raise ChartVLMError(f"request {number} alone got HTTP {response.status_code}: {response.text[:300]}")
                 reference.append(response.json()["choices"][0]["message"]["content"])
-        for round_index in range(args.rounds):
-            order = SERVE_RECIPES if round_index % 2 == 0 else tuple(reversed(SERVE_RECIPES))
-            for name in order:
-                logger.info("serve recipe %s (round %d/%d): %d clients, %d requests", name, round_index + 1,
-                            args.rounds, args.clients, args.requests)
-                rounds[name].append(load_round(name, urls[name], bodies, reference, args))
+        for round_index, name in alternating_rounds(SERVE_RECIPES, args.rounds):
+            logger.info("serve recipe %s (round %d/%d): %d clients, %d requests", name, round_index + 1,
+                        args.rounds, args.clients, args.requests)
+            rounds[name].append(load_round(name, urls[name], bodies, reference, args))
     rows_out = []
     for name, results in rounds.items():
         # The fastest round, as for train and eval (other processes only slow a run down); the rounds' errors and

@@ -1,10 +1,10 @@
 """Checkpoints: written so they exist only when complete, readable by every user, and loaded strictly.
 
-- `AtomicSaves` (a Trainer mixin; `AtomicSFTTrainer`, grpo.ChartGRPOTrainer): checkpoint-N is written under tmp-checkpoint-N/ and renamed into place when complete,
-  so a process killed mid-save never leaves a broken latest checkpoint; the final model is written under
-  tmp-model/ (with everything chartvlm adds to it) and moved into the output folder file by file. A save
-  that fails (a full disk) removes what it staged and says which path and why; the previous checkpoint
-  stays as it was.
+- `AtomicSaves` (a Trainer mixin; `AtomicSFTTrainer`, grpo.ChartGRPOTrainer): checkpoint-N is written under
+  tmp-checkpoint-N/ and renamed into place when complete, so a process killed mid-save never leaves a broken
+  latest checkpoint; the final model is written under tmp-model/ (with everything chartvlm adds to it) and
+  moved into the output folder file by file. A save that fails (a full disk) removes what it staged and says
+  which path and why; the previous checkpoint stays as it was.
 - Resuming loads every tensor or fails: the Trainer loads a full model's checkpoint non-strictly and under
   transformers 5 the saved names (`visual.*`) differ from the in-memory ones (`model.visual.*`), so nothing
   would be restored but the optimizer and the step. A full checkpoint is loaded here through

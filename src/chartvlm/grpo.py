@@ -103,6 +103,8 @@ def check_grpo_config(config: RunConfig) -> None:
     from chartvlm.rewards import build_rewards
 
     grpo = config.grpo
+    if completion_tokens(config) < 1:
+        raise ChartVLMError(f"max_completion_length must be at least 1, got {completion_tokens(config)}")
     if isinstance(grpo.num_generations, bool) or not isinstance(grpo.num_generations, int) or \
             grpo.num_generations < 2:
         raise ChartVLMError(f"num_generations must be a whole number of at least 2 (a group needs two answers to "
@@ -139,10 +141,15 @@ def end_on_answer_end(model, tokenizer) -> None:
         model.generation_config.eos_token_id = [end, *declared]
 
 
+def round_micro_steps(args: GRPOConfig) -> int:
+    """Micro-batches one generation round's completions feed: steps_per_generation, num_iterations times over."""
+    return args.steps_per_generation * args.num_iterations
+
+
 def steps_per_round(args: GRPOConfig) -> int:
-    """Optimizer steps from one generation round to the next: a round's completions feed steps_per_generation x
-    num_iterations micro-batches, and an optimizer step takes gradient_accumulation_steps of them."""
-    micro_steps = args.steps_per_generation * args.num_iterations
+    """Optimizer steps from one generation round to the next (an optimizer step takes gradient_accumulation_steps
+    micro-batches)."""
+    micro_steps = round_micro_steps(args)
     return micro_steps // math.gcd(micro_steps, args.gradient_accumulation_steps)
 
 
@@ -159,8 +166,7 @@ class SaveAtRoundEnds(TrainerCallback):
     def at_round_end(self) -> bool:
         # TRL's own micro-step counter decides when it generates (GRPOTrainer._prepare_inputs); it restarts at 0
         # with the process, as a resumed run regenerates.
-        micro_steps = self.trainer.args.steps_per_generation * self.trainer.num_iterations
-        return self.trainer._step % micro_steps == 0  # noqa: SLF001
+        return self.trainer._step % round_micro_steps(self.trainer.args) == 0  # noqa: SLF001
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.at_round_end() or state.global_step >= state.max_steps:

@@ -39,8 +39,6 @@ def check_config(config: RunConfig) -> None:
     if config.train.method == "grpo":
         from chartvlm.grpo import check_grpo_config
 
-        if completion_tokens(config) < 1:
-            raise ChartVLMError(f"max_completion_length must be at least 1, got {completion_tokens(config)}")
         check_grpo_config(config)
     from chartvlm.distributed import world_size
 
@@ -88,10 +86,10 @@ def load_split(config: RunConfig, split: str, skipped=None):
                         allow_outside_images=config.data.allow_outside_images)
 
 
-def sequence_length(processor, system_message: str, completion_tokens: int | None = None):
+def sequence_length(processor, system_message: str, generated_tokens: int | None = None):
     """`measure(row, width, height)` for data.validate_rows: the exact token count of a training sequence (as
     collate builds it: prompt with the image's tokens, then the completion), from the image size in its
-    header (no pixel decoding). With `completion_tokens` (GRPO), the prompt and that many generated tokens."""
+    header (no pixel decoding). With `generated_tokens` (GRPO), the prompt and that many generated tokens."""
     from chartvlm.images import image_token_count
     from chartvlm.prompts import build_messages, prompt_and_completion
 
@@ -104,7 +102,7 @@ def sequence_length(processor, system_message: str, completion_tokens: int | Non
                                                    model)
         # The prompt holds one <|image_pad|>; the processor expands it to the image's tokens.
         text_tokens = len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) - 1
-        answer_tokens = completion_tokens if completion_tokens is not None else \
+        answer_tokens = generated_tokens if generated_tokens is not None else \
             len(tokenizer(completion, add_special_tokens=False)["input_ids"])
         return text_tokens + image_token_count(processor, width, height) + answer_tokens
 
